@@ -1,0 +1,61 @@
+"""Per-phase budgets (SPEC §3 ``BOOTSTRAP_PHASE_BUDGET_S``, FAILURES F17).
+
+A watchdog thread that, when a phase's budget runs out, logs ``fail`` with BUDGET (17), kills
+the phase's child processes (uv, a downloader) and exits the process. Standard library only
+(psutil when present): the worker uses it for its warm phase.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from bootstrap.errors import BUDGET, BudgetError
+from bootstrap.timeline import Timeline
+
+
+def _kill_children() -> None:
+    try:
+        import psutil
+    except ImportError:  # pragma: no cover - psutil is one of bootstrap's own dependencies
+        return
+    for child in psutil.Process().children(recursive=True):
+        try:
+            child.kill()
+        except psutil.Error:
+            pass
+
+
+@contextmanager
+def budget(timeline: Timeline, phase: str, seconds: float | None) -> Iterator[None]:
+    """Exit with BUDGET (17) if the body runs longer than ``seconds``."""
+    if not seconds:
+        yield
+        return
+    done = threading.Event()
+
+    def expire() -> None:
+        if done.wait(seconds):
+            return
+        err = BudgetError(
+            f"phase {phase} ran past its budget of {seconds:g} s",
+            hint=(
+                f"raise it with BOOTSTRAP_PHASE_BUDGET_S={phase}=SECONDS (and the endpoint's init "
+                "timeout), or fill the volume before deploying with `bootstrap prepare`"
+            ),
+        )
+        timeline.event(phase, "fail", ms=seconds * 1000, detail=err.as_detail())
+        timeline.log(f"error: {err.message}", level="error")
+        timeline.log(f"hint: {err.hint}", level="error")
+        _kill_children()
+        timeline.close()
+        os._exit(BUDGET)
+
+    watchdog = threading.Thread(target=expire, name=f"budget:{phase}", daemon=True)
+    watchdog.start()
+    try:
+        yield
+    finally:
+        done.set()

@@ -1,0 +1,121 @@
+"""The ``bootstrap`` command line: wires subcommands to functions, catches errors once.
+
+Every error the user can act on is a `BootstrapError`: printed as ``error:`` and ``hint:`` and
+returned as its exit code. Anything else is a bug (exit 1); its traceback is shown only with
+``BOOTSTRAP_DEBUG=1`` (and always lands in the boot log of a ``run``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+
+from bootstrap import errors
+from bootstrap.errors import BootstrapError
+from bootstrap.settings import Settings
+
+
+def _cmd_run(args: argparse.Namespace, settings: Settings) -> int:
+    from bootstrap.run import run
+
+    return run(settings, until=args.until)
+
+
+def _cmd_prepare(args: argparse.Namespace, settings: Settings) -> int:
+    from bootstrap.run import run
+
+    return run(settings, until="weights")
+
+
+def _cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
+    from bootstrap.run import run, serve_settings
+
+    return run(serve_settings(settings, args.host, args.port), serve=True)
+
+
+def _cmd_render(args: argparse.Namespace, settings: Settings) -> int:
+    from bootstrap.render import render
+
+    out = render(settings, args.template, args.output, args.set)
+    print(f"rendered {out}")
+    return 0
+
+
+def explain_text(code: errors.ExitCode) -> str:
+    return f"exit code {code.code} ({code.name}): {code.meaning}\nwhat to do: {code.todo}"
+
+
+def _cmd_explain(args: argparse.Namespace, settings: Settings) -> int:
+    code = errors.lookup(args.code)
+    if code is None:
+        known = ", ".join(f"{e.code} {e.name}" for e in errors.EXIT_CODES)
+        print(f"error: unknown exit code {args.code!r}", file=sys.stderr)
+        print(f"hint: known codes are {known}", file=sys.stderr)
+        return errors.CONFIG
+    print(explain_text(code))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bootstrap",
+        description="Boot a RunPod worker from its network volume: preflight, env, weights, then the worker.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("run", help="the whole boot, then exec the worker")
+    p.add_argument("--until", choices=("env", "weights"), help="stop after this phase (exit 0 or its code)")
+    p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("prepare", help="fill the volume from a pod shell (run --until weights)")
+    p.set_defaults(func=_cmd_prepare)
+
+    p = sub.add_parser("serve", help="a local run serving the SDK's local API; every capability optional")
+    p.add_argument("--host", help="default 127.0.0.1 (or BOOTSTRAP_SERVE_API's)")
+    p.add_argument("--port", type=int, help="default 8000 (or BOOTSTRAP_SERVE_API's)")
+    p.set_defaults(func=_cmd_serve)
+
+    p = sub.add_parser("render", help="render start.sh.tmpl into start.sh")
+    p.add_argument("--template", type=Path, help="default: start.sh.tmpl beside the app")
+    p.add_argument("--output", type=Path, help="default: start.sh beside the template")
+    p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="a placeholder's value")
+    p.set_defaults(func=_cmd_render)
+
+    p = sub.add_parser("explain", help="what an exit code means and what to do")
+    p.add_argument("code", help="a number (13) or a name (WEIGHTS)")
+    p.set_defaults(func=_cmd_explain)
+
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    debug = False
+    try:
+        settings = Settings.from_env()
+        debug = settings.debug
+        return int(args.func(args, settings))
+    except BootstrapError as err:
+        if debug:
+            traceback.print_exc()
+        print(f"error: {err.message}", file=sys.stderr)
+        print(f"hint: {err.hint}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        return 130
+    except Exception as err:
+        if debug:
+            traceback.print_exc()
+        print(f"error: internal error: {type(err).__name__}: {err}", file=sys.stderr)
+        print(
+            "hint: this is a bug; rerun with BOOTSTRAP_DEBUG=1 for the traceback and report it",
+            file=sys.stderr,
+        )
+        return errors.INTERNAL
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,175 @@
+"""`bootstrap run`: preflight → env → weights → ``exec`` the worker (SPEC §1, §2).
+
+Each phase runs inside the timeline's ``phase`` context (start/end/fail events) and under its
+budget (`bootstrap.budget`), so a boot never outlives RunPod's init window silently (F17).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from pathlib import Path
+from typing import IO
+
+from bootstrap.budget import budget
+from bootstrap.env import ensure_env
+from bootstrap.errors import BootstrapError
+from bootstrap.plan import Capability, Plan, write_plan
+from bootstrap.settings import Settings
+from bootstrap.timeline import Timeline
+from bootstrap.volume import Volume, preflight, resolve_volume
+from bootstrap.weights import ensure_weights
+
+UNTIL = ("env", "weights")
+
+#: Set for the worker so no hub library reaches for the network on a warm boot (FAILURES F16).
+OFFLINE_FLAGS = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "DIFFUSERS_OFFLINE": "1",
+}
+
+
+def worker_environ(settings: Settings, plan_path: Path) -> dict[str, str]:
+    """The worker's environment: ours, plus the plan, the app on PYTHONPATH and offline flags."""
+    env = dict(settings.environ)
+    env.pop("VIRTUAL_ENV", None)
+    env["BOOTSTRAP_PLAN"] = str(plan_path)
+    env["BOOTSTRAP_WORKER_ID"] = settings.worker_id
+    env["BOOTSTRAP_LOG_FORMAT"] = settings.log_format
+    if settings.serve_api is not None:
+        host, port = settings.serve_api
+        env["BOOTSTRAP_SERVE_API"] = f"{host}:{port}"
+    if settings.optional:
+        env["BOOTSTRAP_OPTIONAL"] = ",".join(sorted(settings.optional))
+    path = env.get("PYTHONPATH")
+    env["PYTHONPATH"] = str(settings.app_dir) + (os.pathsep + path if path else "")
+    env.update(OFFLINE_FLAGS)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def make_timeline(settings: Settings, stream: IO[str] | None = None) -> Timeline:
+    return Timeline.for_settings(settings, stream)
+
+
+def run(
+    settings: Settings,
+    *,
+    until: str | None = None,
+    serve: bool = False,
+    stream: IO[str] | None = None,
+) -> int:
+    """The whole boot. Returns an exit code, or does not return (the worker replaced us)."""
+    timeline = make_timeline(settings, stream)
+    plan = Plan(
+        worker_id=settings.worker_id,
+        volume="",
+        app_dir=str(settings.app_dir),
+        boot_started=timeline.started,
+    )
+    plan.capabilities = {c: Capability(required=not settings.is_optional(c)) for c in settings.extras}
+    volume: Volume | None = None
+    phase = "preflight"
+    try:
+        with (
+            budget(timeline, "preflight", settings.budget("preflight")),
+            timeline.phase("preflight") as detail,
+        ):
+            volume = resolve_volume(settings, allow_local=serve)
+            if _can_log(volume, settings):
+                timeline.attach(volume.log_dir(settings.worker_id))
+            if volume.degraded:
+                timeline.log(f"degraded: no volume — using {volume.root} on container disk", level="warn")
+            detail.update(preflight(settings, volume))
+        plan.volume = str(volume.root)
+        phase = "env"
+        with budget(timeline, "env", settings.budget("env")), timeline.phase("env") as detail:
+            env = ensure_env(settings, volume, timeline, detail)
+        plan.env_key, plan.env_path, plan.python, plan.env_reused = (
+            env.key,
+            str(env.path),
+            str(env.python),
+            env.reused,
+        )
+        for cap, reason in env.dropped.items():
+            plan.degrade(cap, reason)
+        if until == "env":
+            return 0
+        phase = "weights"
+        with (
+            budget(timeline, "weights", settings.budget("weights")),
+            timeline.phase("weights") as detail,
+        ):
+            ensure_weights(settings, volume, timeline, plan, detail)
+        if until == "weights":
+            return 0
+    except BootstrapError as err:
+        if not _serve_error(settings, plan, volume, phase):
+            _print_error(err, stream)
+            timeline.close()
+            return err.exit_code
+        plan.fatal = err.as_detail()
+        timeline.log(
+            f"BOOTSTRAP_ON_FATAL=serve-error: serving the error for {settings.fatal_grace_s:g} s",
+            level="warn",
+        )
+    except Exception:
+        timeline.close()
+        raise
+    assert volume is not None
+    plan.boot_ms = {p: round(ms, 1) for p, ms in timeline.phase_ms.items()}
+    plan_path = volume.plan_path(settings.worker_id)
+    write_plan(plan_path, plan)
+    timeline.close()
+    exec_worker(settings, Path(plan.python or sys.executable), plan_path)
+    return 1  # only reached when exec is replaced in tests
+
+
+def _can_log(volume: Volume, settings: Settings) -> bool:
+    """Attach the log early when the log directory can be made (preflight may still fail later)."""
+    try:
+        volume.log_dir(settings.worker_id).mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return False
+    return True
+
+
+def _serve_error(settings: Settings, plan: Plan, volume: Volume | None, phase: str) -> bool:
+    """Keep serving the error (BOOTSTRAP_ON_FATAL=serve-error) only once an environment exists."""
+    return (
+        settings.on_fatal == "serve-error"
+        and volume is not None
+        and plan.env_path is not None
+        and phase == "weights"
+    )
+
+
+def _print_error(err: BootstrapError, stream: IO[str] | None) -> None:
+    out = sys.stderr if stream is None else stream
+    print(f"error: {err.message}", file=out)
+    print(f"hint: {err.hint}", file=out)
+    print(
+        f"exit code {err.exit_code} ({err.name}); `bootstrap explain {err.exit_code}` says more",
+        file=out,
+    )
+
+
+def exec_worker(settings: Settings, python: Path, plan_path: Path) -> None:
+    """Replace this process with the environment's Python running the worker."""
+    argv = [str(python), "-m", "worker", "--plan", str(plan_path)]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(argv[0], argv, worker_environ(settings, plan_path))
+
+
+def serve_settings(settings: Settings, host: str | None, port: int | None) -> Settings:
+    """`bootstrap serve`: the local API on, and every capability optional (SPEC §2)."""
+    cur_host, cur_port = settings.serve_api or ("127.0.0.1", 8000)
+    return dataclasses.replace(
+        settings,
+        serve_api=(host or cur_host, port or cur_port),
+        optional=frozenset(settings.extras) | settings.optional,
+    )

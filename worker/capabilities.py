@@ -1,0 +1,35 @@
+"""The worker's capabilities: each is an optional-dependency group in pyproject.toml and a
+pipeline module here. Standard library only: bootstrap's import smoke test reads it too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class CapabilitySpec:
+    name: str
+    #: the task name jobs use (``input.task``)
+    task: str
+    #: third-party modules the capability needs; imported by the env's smoke test
+    modules: tuple[str, ...]
+    #: the pipeline module (has ``load(ctx) -> Pipeline``)
+    pipeline: str
+
+
+#: Always installed: the worker's base.
+BASE_MODULES: tuple[str, ...] = ("runpod", "numpy", "PIL")
+
+CAPABILITIES: dict[str, CapabilitySpec] = {}
+
+
+def register(spec: CapabilitySpec) -> None:
+    CAPABILITIES[spec.name] = spec
+
+
+def by_task(task: str) -> CapabilitySpec | None:
+    for spec in CAPABILITIES.values():
+        if spec.task == task:
+            return spec
+    return None

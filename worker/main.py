@@ -1,0 +1,165 @@
+"""The worker process: read the plan, import and warm-load every enabled pipeline, then serve.
+
+Run by `bootstrap run` as ``<env>/bin/python -m worker --plan <volume>/.bootstrap/state/<id>.json``.
+
+Internal logic:
+
+1. starting: read settings and the plan; attach to this worker's boot log.
+2. import (phase ``import``): import the runpod SDK and each enabled capability's pipeline
+   module. A required one failing exits 15 (WARM); an optional one is marked unavailable.
+3. warm (phase ``warm``): ``load()`` each pipeline — models from the plan's paths, a warm-up
+   run — so the first job costs what the hundredth does (FAILURES F10).
+4. ready: one ``ready`` ``end`` event, then `runpod.serverless.start` serves jobs.
+
+With ``BOOTSTRAP_ON_FATAL=serve-error`` a fatal boot error is answered to every job for
+``BOOTSTRAP_FATAL_GRACE_S`` seconds, then the process exits with the error's code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from bootstrap.budget import budget
+from bootstrap.errors import BootstrapError, GpuError, WarmLoadError
+from bootstrap.plan import read_plan
+from bootstrap.settings import Settings
+from bootstrap.timeline import Timeline
+from bootstrap.volume import Volume
+from worker import pipelines  # noqa: F401 - registers the capabilities
+from worker.capabilities import CAPABILITIES
+from worker.handler import Worker, make_handler
+from worker.lifecycle import Lifecycle, State
+from worker.pipelines.base import LoadContext
+
+
+def _fatal_exit_later(worker: Worker, seconds: float, code: int) -> None:
+    def later() -> None:
+        time.sleep(seconds)
+        worker.timeline.log(
+            f"fatal grace period of {seconds:g} s is over: exiting with {code}", level="error"
+        )
+        worker.timeline.close()
+        os._exit(code)
+
+    threading.Thread(target=later, name="fatal-grace", daemon=True).start()
+
+
+def warm_up(worker: Worker, settings: Settings) -> None:
+    """Phases import and warm: every enabled capability imported and loaded, or degraded."""
+    plan, timeline = worker.plan, worker.timeline
+    enabled: list[str] = []
+    with timeline.phase("import") as detail:
+        import runpod  # noqa: F401 - the SDK must import before anything else counts as ready
+
+        for name, cap in plan.capabilities.items():
+            if cap.status != "ok":
+                worker.capabilities[name] = {"status": "unavailable", "reason": cap.reason}
+                continue
+            spec = CAPABILITIES.get(name)
+            try:
+                if spec is None:
+                    raise ImportError(f"no pipeline is registered for capability {name!r}")
+                importlib.import_module(spec.pipeline)
+            except Exception as err:
+                reason = f"import failed: {type(err).__name__}: {err}"
+                if cap.required:
+                    raise WarmLoadError(
+                        f"capability {name}: {reason}",
+                        hint="the env's smoke test should have caught this: run `bootstrap diagnose`",
+                    ) from err
+                worker.capabilities[name] = {"status": "unavailable", "reason": reason}
+                continue
+            enabled.append(name)
+        detail["capabilities"] = enabled
+    worker.boot_ms["import"] = round(timeline.phase_ms["import"], 1)
+    worker.lifecycle.to(State.WARM)
+    ctx = LoadContext(settings=settings, models=dict(plan.models), env_key=plan.env_key)
+    with budget(timeline, "warm", settings.budget("warm")), timeline.phase("warm") as detail:
+        for name in enabled:
+            spec = CAPABILITIES[name]
+            module = importlib.import_module(spec.pipeline)
+            try:
+                worker.pipelines[name] = module.load(ctx)
+            except BootstrapError:
+                raise
+            except Exception as err:
+                reason = f"warm-load failed: {type(err).__name__}: {err}"
+                if plan.capabilities[name].required:
+                    raise WarmLoadError(f"capability {name}: {reason}") from err
+                worker.capabilities[name] = {"status": "unavailable", "reason": reason}
+                continue
+            worker.capabilities[name] = {"status": "ok", "reason": None}
+        detail["loaded"] = sorted(worker.pipelines)
+    worker.boot_ms["warm"] = round(timeline.phase_ms["warm"], 1)
+
+
+def serve(worker: Worker, settings: Settings) -> None:
+    import runpod
+
+    argv = [sys.argv[0]]
+    if settings.serve_api is not None:
+        host, port = settings.serve_api
+        argv += ["--rp_serve_api", "--rp_api_host", host, "--rp_api_port", str(port)]
+    sys.argv = argv
+    concurrency = settings.worker_concurrency
+    runpod.serverless.start(
+        {"handler": make_handler(worker), "concurrency_modifier": lambda _current: concurrency}
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m worker")
+    parser.add_argument("--plan", type=Path, default=os.environ.get("BOOTSTRAP_PLAN"))
+    args = parser.parse_args(argv)
+    settings = Settings.from_env()
+    if args.plan is None:
+        print("error: no plan: run the worker through `bootstrap run`", file=sys.stderr)
+        return 2
+    plan = read_plan(args.plan)
+    timeline = Timeline.for_settings(settings)
+    timeline.started = plan.boot_started or timeline.started
+    timeline.attach(Volume(Path(plan.volume), "plan").log_dir(settings.worker_id), rotate=False)
+    worker = Worker(
+        plan=plan, timeline=timeline, lifecycle=Lifecycle(), concurrency=settings.worker_concurrency
+    )
+    worker.boot_ms.update(plan.boot_ms)
+    for name, cap in plan.capabilities.items():
+        worker.capabilities[name] = {"status": cap.status, "reason": cap.reason}
+    fatal: dict[str, Any] | None = plan.fatal
+    if fatal is None:
+        try:
+            warm_up(worker, settings)
+        except (WarmLoadError, GpuError) as err:
+            worker.lifecycle.to(State.FAILED, err.message)
+            if settings.on_fatal != "serve-error":
+                timeline.close()
+                print(f"error: {err.message}\nhint: {err.hint}", file=sys.stderr)
+                return err.exit_code
+            fatal = err.as_detail()
+    if fatal is not None:
+        worker.fatal = fatal
+        if worker.lifecycle.state is State.STARTING:
+            worker.lifecycle.to(State.FAILED, str(fatal.get("error")))
+        timeline.log(
+            f"serving the boot error for {settings.fatal_grace_s:g} s: {fatal.get('error')}",
+            level="error",
+        )
+        _fatal_exit_later(worker, settings.fatal_grace_s, int(fatal.get("code", 1)))
+    else:
+        worker.lifecycle.to(State.READY)
+        timeline.event(
+            "ready",
+            "end",
+            ms=(time.time() - plan.boot_started) * 1000 if plan.boot_started else None,
+            detail={"capabilities": worker.capabilities},
+        )
+    serve(worker, settings)
+    return 0
