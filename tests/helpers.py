@@ -1,0 +1,176 @@
+"""Shared test tools: the repository, boot environments, a seeded uv cache, free ports, tmpfs.
+
+Everything here is real: processes, filesystems, servers on loopback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+BOOTSTRAP = [sys.executable, "-m", "bootstrap"]
+
+#: Variables a developer's shell may carry that must never leak into a test's worker.
+SCRUBBED_PREFIXES = ("AWS_", "HF_", "RUNPOD_", "BUCKET_", "BOOTSTRAP_", "WORKER_", "UV_", "VIRTUAL_ENV")
+
+#: A uv cache shared by the test session (and kept between runs on one machine), copied into
+#: each test volume by hard links so env builds do not download the same wheels again.
+SHARED_UV_CACHE = Path(os.environ.get("VW_TEST_UV_CACHE", Path.home() / ".cache" / "volume-worker-tests" / "uv-cache"))
+
+
+def base_environ(**overrides: str) -> dict[str, str]:
+    """A clean environment for a boot: no credentials, no hub lookups, no Python downloads."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(SCRUBBED_PREFIXES)}
+    env.update(
+        {
+            "HF_HUB_OFFLINE": "1",
+            "UV_PYTHON_DOWNLOADS": "never",
+            "PYTHONUNBUFFERED": "1",
+            "BOOTSTRAP_LOG_FORMAT": "json",
+        }
+    )
+    env.update(overrides)
+    return env
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def seed_uv_cache(volume_root: Path, extras: tuple[str, ...] = ()) -> None:
+    """Hard-link a warm uv cache (for the project's lock with ``extras``) into a test volume.
+
+    The shared cache is filled once per extras set by a real ``uv sync`` (under a file lock, so
+    parallel test processes fill it once). Only the cache is seeded: every env is still built by
+    the product, with the product's commands.
+    """
+    SHARED_UV_CACHE.mkdir(parents=True, exist_ok=True)
+    marker = SHARED_UV_CACHE.parent / f"filled-{'-'.join(sorted(extras)) or 'base'}-{_lock_digest()}"
+    with open(SHARED_UV_CACHE.parent / "fill.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not marker.exists():
+            scratch = SHARED_UV_CACHE.parent / f"scratch-{uuid.uuid4().hex[:8]}"
+            cmd = ["uv", "sync", "--frozen", "--no-install-project", "--no-dev", "--link-mode", "copy"]
+            for extra in extras:
+                cmd += ["--extra", extra]
+            env = base_environ(UV_CACHE_DIR=str(SHARED_UV_CACHE), UV_PROJECT_ENVIRONMENT=str(scratch))
+            subprocess.run(cmd, cwd=REPO, env=env, check=True, capture_output=True)
+            shutil.rmtree(scratch, ignore_errors=True)
+            marker.touch()
+    target = volume_root / ".bootstrap" / "uv-cache"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if not target.exists():
+        subprocess.run(["cp", "-al", str(SHARED_UV_CACHE), str(target)], check=True)
+
+
+def _lock_digest() -> str:
+    import hashlib
+
+    return hashlib.sha256((REPO / "uv.lock").read_bytes()).hexdigest()[:12]
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    out = []
+    for line in path.read_text().splitlines():
+        with contextlib.suppress(ValueError):
+            out.append(json.loads(line))
+    return out
+
+
+def phases_in_order(events: list[dict[str, Any]]) -> list[str]:
+    """Phases by first appearance."""
+    seen: list[str] = []
+    for e in events:
+        if e.get("phase") not in seen:
+            seen.append(e["phase"])
+    return seen
+
+
+def run_bootstrap(args: list[str], env: Mapping[str, str], *, timeout: float = 600, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*BOOTSTRAP, *args], env=dict(env), cwd=cwd or REPO, capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def post_json(url: str, payload: Any, timeout: float = 120) -> tuple[int, Any]:
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(url, data=json.dumps(payload).encode(), headers={"content-type": "application/json"}, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:  # loopback only
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read() or b"null")
+
+
+class WorkerProcess:
+    """A real boot (``start.sh`` or ``bootstrap run``) serving the SDK's local API on loopback."""
+
+    def __init__(self, argv: list[str], env: Mapping[str, str], port: int, log: Path) -> None:
+        self.port = port
+        self.log = log
+        self._log_file = open(log, "w")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(argv, env=dict(env), cwd=REPO, stdout=self._log_file, stderr=subprocess.STDOUT, start_new_session=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def wait_ready(self, timeout: float = 600) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"worker exited with {self.proc.returncode}:\n{self.output()[-4000:]}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                    return
+            except OSError:
+                time.sleep(0.2)
+        raise AssertionError(f"worker not listening after {timeout} s:\n{self.output()[-4000:]}")
+
+    def runsync(self, job_input: Any, timeout: float = 300) -> tuple[int, Any]:
+        return post_json(f"{self.url}/runsync", {"input": job_input}, timeout=timeout)
+
+    def output(self) -> str:
+        self._log_file.flush()
+        return self.log.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+        self._log_file.close()
+
+
+@contextlib.contextmanager
+def tmpfs(path: Path, size: str) -> Iterator[Path]:
+    """A real tmpfs of ``size`` (e.g. ``"64m"``) mounted at ``path``; needs root."""
+    path.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def can_mount_tmpfs() -> bool:
+    return os.geteuid() == 0 and shutil.which("mount") is not None
