@@ -146,7 +146,8 @@ class WorkerProcess:
         return post_json(f"{self.url}/runsync", {"input": job_input}, timeout=timeout)
 
     def output(self) -> str:
-        self._log_file.flush()
+        if not self._log_file.closed:
+            self._log_file.flush()
         return self.log.read_text(errors="replace")
 
     def stop(self) -> None:
