@@ -7,6 +7,7 @@ the phase's child processes (uv, a downloader) and exits the process. Standard l
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from collections.abc import Iterator
@@ -22,10 +23,8 @@ def _kill_children() -> None:
     except ImportError:  # pragma: no cover - psutil is one of bootstrap's own dependencies
         return
     for child in psutil.Process().children(recursive=True):
-        try:
+        with contextlib.suppress(psutil.Error):
             child.kill()
-        except psutil.Error:
-            pass
 
 
 @contextmanager

@@ -21,6 +21,7 @@ Error tree::
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -146,7 +147,7 @@ class BootstrapError(Exception):
     def name(self) -> str:
         return BY_CODE[self.exit_code].name
 
-    def as_detail(self) -> dict[str, object]:
+    def as_detail(self) -> dict[str, Any]:
         """The `detail` of a timeline `fail` event (SPEC §7)."""
         return {"code": self.exit_code, "name": self.name, "error": self.message, "hint": self.hint}
 

@@ -105,7 +105,7 @@ def render(settings: Settings, template: Path | None, output: Path | None, sets:
     rendered = render_text(text, values, origin=str(template), extra=frozenset(given))
     tmp = output.with_name(f".{output.name}.tmp")
     tmp.write_text(rendered, encoding="utf-8")
-    os.chmod(tmp, 0o755)
+    os.chmod(tmp, 0o755)  # noqa: S103 - start.sh must be executable by the container
     try:
         check_bash(tmp)
     except ConfigError:

@@ -162,7 +162,7 @@ def exec_worker(settings: Settings, python: Path, plan_path: Path) -> None:
     argv = [str(python), "-m", "worker", "--plan", str(plan_path)]
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(argv[0], argv, worker_environ(settings, plan_path))
+    os.execve(argv[0], argv, worker_environ(settings, plan_path))  # noqa: S606 - exec is the point: the worker becomes this process
 
 
 def serve_settings(settings: Settings, host: str | None, port: int | None) -> Settings:

@@ -6,6 +6,7 @@ writes (`require_free`), so "bytes needed and free, on which filesystem" is said
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import shutil
@@ -218,10 +219,8 @@ def write_probe(base: Path) -> float:
             )
     finally:
         for p in (tmp, final):
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 p.unlink()
-            except FileNotFoundError:
-                pass
     return (time.monotonic() - t0) * 1000
 
 
