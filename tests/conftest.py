@@ -26,3 +26,43 @@ def volume(tmp_path: Path) -> Path:
     root = tmp_path / "runpod-volume"
     root.mkdir()
     return root
+
+
+@pytest.fixture(scope="session")
+def env_volume_factory(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """Clone a volume whose environment for ``extras`` is already built (by the product).
+
+    The first call per extras set runs a real ``bootstrap run --until env`` on a template
+    volume; each call then hard-links that volume's ``.bootstrap`` into the test's volume
+    (``cp -al``). Envs are immutable once READY, so sharing their files is safe — the same
+    reason the product itself may hard-link between environments.
+    """
+    import subprocess
+
+    from tests.helpers import base_environ, run_bootstrap, seed_uv_cache
+
+    templates: dict[tuple[str, ...], Path] = {}
+
+    def make(volume: Path, extras: tuple[str, ...] = ()) -> Path:
+        key = tuple(sorted(extras))
+        if key not in templates:
+            template = tmp_path_factory.mktemp("env-template") / "volume"
+            template.mkdir()
+            seed_uv_cache(template, key)
+            proc = run_bootstrap(
+                ["run", "--until", "env"],
+                base_environ(BOOTSTRAP_VOLUME=str(template), BOOTSTRAP_EXTRAS=",".join(key), BOOTSTRAP_WORKER_ID="template"),
+                timeout=900,
+            )
+            assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+            templates[key] = template
+        volume.mkdir(parents=True, exist_ok=True)
+        src = templates[key] / ".bootstrap"
+        dst = volume / ".bootstrap"
+        assert not dst.exists(), f"{dst} already exists"
+        subprocess.run(["cp", "-al", str(src), str(dst)], check=True)
+        for sub in ("logs", "state", "leases"):
+            subprocess.run(["rm", "-rf", str(dst / sub)], check=True)
+        return volume
+
+    return make

@@ -114,7 +114,11 @@ def post_json(url: str, payload: Any, timeout: float = 120) -> tuple[int, Any]:
         with urllib.request.urlopen(req, timeout=timeout) as resp:  # loopback only
             return resp.status, json.loads(resp.read())
     except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read() or b"null")
+        body = err.read()
+        try:
+            return err.code, json.loads(body or b"null")
+        except ValueError:
+            return err.code, body.decode(errors="replace")
 
 
 class WorkerProcess:

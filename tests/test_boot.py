@@ -124,12 +124,12 @@ def test_bad_job_input_is_answered_and_the_worker_keeps_serving(tmp_path: Path, 
     assert health["output"]["status"] == "ok"
 
 
-def test_weights_failure_with_serve_error_answers_jobs_then_exits_13(tmp_path: Path, volume: Path) -> None:
+def test_weights_failure_with_serve_error_answers_jobs_then_exits_13(tmp_path: Path, env_volume_factory) -> None:  # type: ignore[no-untyped-def]
     manifest = tmp_path / "models.toml"
     missing = tmp_path / "nowhere" / "model.bin"
     manifest.write_text(f'[[file]]\ndest = "m/model.bin"\nsource = "file://{missing}"\nformat = "raw"\ncapability = "faceswap"\n')
     start = _render(tmp_path)
-    seed_uv_cache(volume, ("faceswap",))
+    volume = env_volume_factory(tmp_path / "vol", ("faceswap",))
     port = free_port()
     environ = base_environ(
         BOOTSTRAP_VOLUME=str(volume),
@@ -148,10 +148,12 @@ def test_weights_failure_with_serve_error_answers_jobs_then_exits_13(tmp_path: P
         rc = worker.proc.wait(timeout=60)
     finally:
         worker.stop()
-    assert job["status"] == "FAILED"
+    assert isinstance(job, dict), job
+    assert job["status"] == "FAILED", job
     assert "WEIGHTS (13)" in job["error"]
+    assert isinstance(health, dict), (health, worker.output()[-8000:])
     assert health["output"]["status"] == "degraded"
-    assert health["output"]["error"]["code"] == 13
+    assert health["output"]["boot_error"]["code"] == 13
     assert rc == 13
     events = read_jsonl(volume / ".bootstrap" / "logs" / "w3" / "boot.jsonl")
     fail = next(e for e in events if e["event"] == "fail")

@@ -81,7 +81,8 @@ class Worker:
             "boot_ms": dict(self.boot_ms),
         }
         if self.fatal is not None:
-            out["error"] = self.fatal
+            # Not "error": the SDK treats an output's "error" key as the job failing.
+            out["boot_error"] = self.fatal
         return out
 
     async def handle(self, job: dict[str, Any]) -> dict[str, Any]:
