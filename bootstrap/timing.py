@@ -732,53 +732,62 @@ LABELS = {"first_job": "first job", "startup": "startup (interpreters, exec, API
 
 
 def chart(report: Mapping[str, Any], path: Path) -> Path:
-    """The waterfall: one horizontal bar per scenario, its phases stacked in boot order."""
+    """The waterfall: one horizontal bar per scenario, its phases stacked in boot order.
+
+    Each bar is the scenario's median phases; a whisker spans the min–max of the totals; the
+    label at the end gives the total and its ratio to the baseline's.
+    """
     import matplotlib  # the `timing` dependency group; never needed by a boot
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     scenarios = [s for s in report["scenarios"] if s["median"].get("total") is not None]
-    fig, ax = plt.subplots(figsize=(11, 1.6 + 0.75 * max(1, len(scenarios))), dpi=120)
-    labels = [s["label"] for s in scenarios]
+    base = next((s["median"]["total"] for s in scenarios if s["name"] == "baseline"), None)
+    fig, ax = plt.subplots(figsize=(11, 1.5 + 0.7 * max(1, len(scenarios))), dpi=130)
     ys = list(range(len(scenarios)))[::-1]
-    longest = max((s["median"]["total"] for s in scenarios), default=1.0) / 1000
+    longest = max((s["max"].get("total") or s["median"]["total"] for s in scenarios), default=1.0) / 1000
     for seg in SEGMENTS:
         for y, s in zip(ys, scenarios, strict=True):
             med = s["median"]
             left = sum((med.get(p) or 0.0) for p in SEGMENTS[: SEGMENTS.index(seg)]) / 1000
             width = (med.get(seg) or 0.0) / 1000
-            ax.barh(y, width, left=left, color=COLORS[seg], edgecolor="white", linewidth=0.5,
-                    label=LABELS.get(seg, seg) if y == ys[0] else None, height=0.6)  # fmt: skip
-            if width > 0.07 * longest:
+            label = LABELS.get(seg, seg) if y == ys[0] else None
+            ax.barh(
+                y, width, left=left, height=0.62, color=COLORS[seg], edgecolor="white", lw=0.6, label=label
+            )
+            if width > 0.06 * longest:
                 ax.text(
                     left + width / 2, y, f"{width:.1f}", ha="center", va="center", fontsize=8, color="white"
                 )
     for y, s in zip(ys, scenarios, strict=True):
         total = s["median"]["total"] / 1000
-        lo, hi = (s["min"].get("total") or 0) / 1000, (s["max"].get("total") or 0) / 1000
+        lo, hi = (
+            (s["min"].get("total") or total * 1000) / 1000,
+            (s["max"].get("total") or total * 1000) / 1000,
+        )
         if hi > lo:
-            ax.errorbar(
-                total, y, xerr=[[total - lo], [hi - total]], fmt="none", ecolor="black", capsize=3, lw=1
-            )
-        ax.text(hi + longest * 0.01 if hi > total else total + longest * 0.01, y, f"{total:.1f} s",
-                va="center", fontsize=9, fontweight="bold")  # fmt: skip
-    ax.set_yticks(ys, labels)
-    ax.set_xlim(0, longest * 1.15)
-    ax.set_xlabel(
-        f"seconds from container start to the first job's answer (median of {report['config']['repeat']})"
-    )
-    machine = report["machine"]
-    ax.set_title(
-        f"bootstrap cold start by phase — {machine['cpu']} ({machine['cores']} cores), {report['date'][:10]}",
-        fontsize=10,
-    )
+            whisker = [[total - lo], [hi - total]]
+            ax.errorbar(total, y, xerr=whisker, fmt="none", ecolor="#333333", capsize=3, lw=1)
+        text = f"{total:.1f} s"
+        if base and s["name"] != "baseline":
+            text += f"  ({total * 1000 / base:.2f}× baseline)"
+        ax.text(max(hi, total) + longest * 0.012, y, text, va="center", fontsize=9, fontweight="bold")
+    ax.set_yticks(ys, [s["label"] + ("" if s["ok"] else " (failed)") for s in scenarios])
+    ax.set_xlim(0, longest * 1.3)
+    ax.set_xlabel("seconds from container start to the first job's answer")
     ax.grid(axis="x", alpha=0.3)
     ax.set_axisbelow(True)
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.22 - 0.1 / max(1, len(scenarios))), ncol=4,
-              fontsize=8, frameon=False)  # fmt: skip
+    ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=len(SEGMENTS), fontsize=8, frameon=False)
+    machine, config = report["machine"], report["config"]
+    extras = ",".join(config["extras"]) or "base only"
+    fig.suptitle(
+        f"bootstrap cold start by phase — median of {config['repeat']}, extras: {extras}\n"
+        f"{machine['cpu']}, {machine['cores']} cores, {machine['memory_gb']} GB, {report['date'][:10]}",
+        fontsize=10,
+    )
     fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
     return path
 
