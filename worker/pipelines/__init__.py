@@ -1,2 +1,17 @@
 """One module per task. Importing this package registers every capability (cheaply: the
 pipeline modules themselves, with their heavy imports, load only when a capability is enabled)."""
+
+from __future__ import annotations
+
+from worker.capabilities import CapabilitySpec, register
+
+register(
+    CapabilitySpec(
+        name="faceswap",
+        task="faceswap",
+        # imported by the env's smoke test; the pipeline module also checks that the CPU
+        # onnxruntime and the GUI opencv-python are absent (FAILURES F5, F15)
+        modules=("cv2", "onnxruntime", "insightface", "insightface.app", "boto3"),
+        pipeline="worker.pipelines.faceswap",
+    )
+)

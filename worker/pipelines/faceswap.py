@@ -1,0 +1,393 @@
+"""The ``faceswap`` task: InsightFace ``buffalo_l`` (detection + recognition) with ``inswapper_128``.
+
+Compatible with existing face-swap workers' clients (SPEC §10)::
+
+    {"source_url" | "source_image", "target_url" | "target_image",
+     "source_index": 1, "target_index": 0, "output_format": "png", "output": "base64",
+     "max_side": null, "s3": {"bucket", "prefix"}}
+
+Faces are numbered from 1, left to right; ``target_index`` 0 swaps every face of the target.
+
+`load` runs once, before the first job (warm-load, FAILURES F10):
+
+1. model paths come only from the plan (``ctx.model_path``), never from InsightFace's own
+   download; missing files are named with what was found instead (F3);
+2. sessions are created with CUDA first when onnxruntime offers it, then the providers really
+   in use are read back; a worker that requires the GPU stops with exit 16 if onnxruntime fell
+   back to CPU (F15);
+3. only the detection and recognition models of ``buffalo_l`` get a session (the landmark and
+   gender/age models are never loaded);
+4. one swap on a generated picture runs every session at the shapes jobs use, and every
+   encoder, so the first job costs what the hundredth does.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import io
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bootstrap.errors import GpuError
+from worker import device
+from worker import io as wio
+from worker.errors import JobError, WorkerFault
+from worker.pipelines.base import LoadContext
+
+# The smoke test imports this module: a broken onnxruntime/opencv install fails the env build.
+_PROBLEMS = device.distribution_problems()
+if _PROBLEMS:
+    raise ImportError("faceswap dependencies are broken: " + "; ".join(_PROBLEMS))
+
+import onnxruntime  # noqa: E402 - after the distribution check, whose message is clearer
+from insightface.app import FaceAnalysis  # noqa: E402
+from insightface.app.common import Face  # noqa: E402
+from insightface.model_zoo import model_zoo  # noqa: E402
+
+NAME = "faceswap"
+BUFFALO_DEST = "insightface/models/buffalo_l"
+INSWAPPER_DEST = "insightface/models/inswapper_128.onnx"
+#: The buffalo_l files the pipeline loads: task → file name.
+BUFFALO_NEEDED = {"detection": "det_10g.onnx", "recognition": "w600k_r50.onnx"}
+DET_SIZE = (640, 640)
+DET_THRESH = 0.5
+
+_KNOWN_KEYS = {
+    "task", "source_url", "source_image", "target_url", "target_image", "source_index", "target_index",
+    "output_format", "output", "max_side", "s3",
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    kind: str  # "url" | "base64"
+    value: str
+    what: str  # "source" | "target"
+
+
+@dataclass(frozen=True)
+class Request:
+    source: ImageRef
+    target: ImageRef
+    source_index: int
+    target_index: int
+    output_format: str
+    output: str
+    max_side: int | None
+    s3: dict[str, str] | None
+
+
+def _image_ref(job: dict[str, Any], what: str) -> ImageRef:
+    url, b64 = job.get(f"{what}_url"), job.get(f"{what}_image")
+    given = [k for k, v in ((f"{what}_url", url), (f"{what}_image", b64)) if v is not None]
+    if len(given) != 1:
+        raise JobError(
+            "INVALID_INPUT",
+            f"give exactly one of {what}_url and {what}_image"
+            + (" (both were given)" if len(given) == 2 else " (neither was given)"),
+        )
+    key = given[0]
+    value = job[key]
+    if not isinstance(value, str) or not value.strip():
+        raise JobError("INVALID_INPUT", f"{key} must be a non-empty string")
+    return ImageRef("url" if key.endswith("_url") else "base64", value.strip(), what)
+
+
+def _int(job: dict[str, Any], key: str, default: int | None, minimum: int) -> int | None:
+    value = job.get(key, default)
+    if value is None:
+        return default
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise JobError("INVALID_INPUT", f"{key} must be an integer")
+    if value < minimum:
+        raise JobError("INVALID_INPUT", f"{key} must be at least {minimum}")
+    if value > 1_000_000:
+        raise JobError("INVALID_INPUT", f"{key} is too large")
+    return value
+
+
+def parse_input(job: Any) -> Request:
+    """Validate a job's input; every problem is INVALID_INPUT naming the field."""
+    if not isinstance(job, dict):
+        raise JobError("INVALID_INPUT", "the job's input must be a JSON object")
+    source = _image_ref(job, "source")
+    target = _image_ref(job, "target")
+    source_index = _int(job, "source_index", 1, 1)
+    target_index = _int(job, "target_index", 0, 0)
+    max_side = _int(job, "max_side", None, 16)
+    fmt = job.get("output_format", "png")
+    if not isinstance(fmt, str) or fmt.strip().lower() not in wio.OUTPUT_FORMATS:
+        raise JobError("INVALID_INPUT", "output_format must be one of png, jpeg, webp")
+    output = job.get("output", "base64")
+    if not isinstance(output, str) or output.strip().lower() not in ("base64", "s3"):
+        raise JobError("INVALID_INPUT", "output must be 'base64' or 's3'")
+    output = output.strip().lower()
+    s3 = job.get("s3")
+    s3_out: dict[str, str] | None = None
+    if s3 is not None:
+        if output != "s3":
+            raise JobError("INVALID_INPUT", "'s3' is only used with output: 's3'")
+        if not isinstance(s3, dict) or set(s3) - {"bucket", "prefix"}:
+            raise JobError("INVALID_INPUT", "s3 must be an object with 'bucket' and/or 'prefix'")
+        s3_out = {}
+        for k, v in s3.items():
+            if not isinstance(v, str) or len(v) > 1024 or any(ord(c) < 32 for c in v):
+                raise JobError("INVALID_INPUT", f"s3.{k} must be a string without control characters")
+            if v.strip("/"):
+                s3_out[k] = v
+    assert source_index is not None and target_index is not None
+    return Request(
+        source=source,
+        target=target,
+        source_index=source_index,
+        target_index=target_index,
+        output_format="jpeg" if fmt.strip().lower() == "jpg" else fmt.strip().lower(),
+        output=output,
+        max_side=max_side,
+        s3=s3_out,
+    )
+
+
+class _Stages:
+    """Milliseconds per stage of one job (``ms`` in the result)."""
+
+    def __init__(self) -> None:
+        self.ms: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.ms[name] = round(self.ms.get(name, 0.0) + (time.perf_counter() - t0) * 1000, 1)
+
+
+@contextlib.contextmanager
+def _model_errors() -> Iterator[None]:
+    """CUDA out-of-memory and CUDA errors → WorkerFault(refresh=True); JobErrors pass through."""
+    try:
+        yield
+    except (JobError, WorkerFault):
+        raise
+    except Exception as err:
+        found = device.classify_runtime_error(err)
+        if found is None:
+            raise
+        message, refresh = found
+        raise WorkerFault(message, refresh=refresh) from err
+
+
+def _check_files(ctx: LoadContext) -> tuple[Path, Path]:
+    """The buffalo_l directory and the swapper path from the plan, every needed file present."""
+    buffalo = Path(ctx.model_path(BUFFALO_DEST))
+    swapper = Path(ctx.model_path(INSWAPPER_DEST))
+    if not buffalo.is_dir():
+        raise FileNotFoundError(
+            f"expected the unpacked buffalo_l directory at {buffalo}, found nothing there"
+        )
+    found = sorted(p.name for p in buffalo.iterdir())
+    missing = [f for f in BUFFALO_NEEDED.values() if not (buffalo / f).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"buffalo_l at {buffalo} lacks {', '.join(missing)} (found: {', '.join(found) or 'nothing'})"
+        )
+    if not swapper.is_file():
+        raise FileNotFoundError(f"expected inswapper_128.onnx at {swapper}, found nothing there")
+    return buffalo, swapper
+
+
+def _warmup_image() -> np.ndarray:
+    """A 480×640 picture with one bright 'face' on a dark, slightly noisy background."""
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 40, size=(480, 640, 3), dtype=np.uint8)
+    img[160:320, 240:400] = (90, 170, 230)
+    return img
+
+
+def _template_face(img: np.ndarray) -> Face:
+    """A face in the middle of ``img`` with ArcFace's 5-point layout: warms recognition and the
+    swapper whatever the detector finds in a generated picture."""
+    h, w = img.shape[:2]
+    side = min(h, w) / 2
+    x0, y0 = (w - side) / 2, (h - side) / 2
+    tpl = np.array(
+        [[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366], [41.5493, 92.3655], [70.7299, 92.2041]],
+        dtype=np.float32,
+    )
+    kps = tpl / 112.0 * side + np.array([x0, y0], dtype=np.float32)
+    return Face(bbox=np.array([x0, y0, x0 + side, y0 + side], dtype=np.float32), kps=kps, det_score=1.0)
+
+
+class FaceSwap:
+    """The loaded pipeline: FaceAnalysis (detection + recognition) and the INSwapper."""
+
+    name = NAME
+
+    def __init__(self, ctx: LoadContext) -> None:
+        settings = ctx.settings
+        self.settings = settings
+        self.policy = wio.FetchPolicy(
+            max_bytes=settings.worker_max_input_bytes,
+            allow_private=settings.worker_allow_private_urls,
+            timeout_s=float(ctx.extra.get("fetch_timeout_s", wio.FETCH_TIMEOUT_S)),
+        )
+        self.uploader = wio.Uploader(settings.environ)
+        buffalo, swapper_path = _check_files(ctx)
+        available = list(onnxruntime.get_available_providers())
+        self.requested = device.requested_providers(available)
+        # FaceAnalysis loads every *.onnx of a directory; hand it a private view holding only the
+        # files it needs, so the landmark and gender/age models never get a session.
+        self._view = tempfile.TemporaryDirectory(prefix="faceswap-buffalo_l-")
+        for name in BUFFALO_NEEDED.values():
+            (Path(self._view.name) / name).symlink_to(buffalo / name)
+        # INSwapper prints its input shape; keep stdout for the timeline's JSON lines.
+        with contextlib.redirect_stdout(io.StringIO()):
+            self.app = FaceAnalysis(
+                name=self._view.name,
+                allowed_modules=list(BUFFALO_NEEDED),
+                providers=self.requested,
+            )
+            self.app.prepare(ctx_id=0, det_thresh=DET_THRESH, det_size=DET_SIZE)
+            self.swapper = model_zoo.get_model(str(swapper_path), providers=self.requested)
+        if type(self.swapper).__name__ != "INSwapper":
+            raise RuntimeError(
+                f"{swapper_path} is not an inswapper model (InsightFace routed it as {type(self.swapper).__name__})"
+            )
+        missing_tasks = set(BUFFALO_NEEDED) - set(self.app.models)
+        if missing_tasks:
+            raise RuntimeError(
+                f"buffalo_l at {buffalo}: no {', '.join(sorted(missing_tasks))} model was recognized"
+            )
+        self.detector = self.app.det_model
+        self.recognizer = self.app.models["recognition"]
+        self._device = self._check_device(available)
+        self.warm_up()
+
+    # -- device ------------------------------------------------------------------------------
+
+    def _sessions(self) -> list[Any]:
+        return [self.detector.session, self.recognizer.session, self.swapper.session]
+
+    def _check_device(self, available: list[str]) -> dict[str, Any]:
+        actual: list[str] = []
+        for session in self._sessions():
+            for p in session.get_providers():
+                if p not in actual:
+                    actual.append(p)
+        on_gpu = all(device.CUDA in s.get_providers() for s in self._sessions())
+        if not on_gpu and device.CUDA in actual:
+            actual.remove(device.CUDA)  # a model that is not on the GPU makes the worker a CPU worker
+        info = device.describe(self.requested, actual, available)
+        if self.settings.require_gpu and not on_gpu:
+            why = info.get("fallback") or (
+                f"this onnxruntime offers no CUDA provider (available: {', '.join(available)})"
+            )
+            raise GpuError(
+                f"BOOTSTRAP_REQUIRE_GPU=1 but the face-swap models run on {', '.join(actual) or 'nothing'}: {why}",
+                hint="pick a GPU whose driver supports the wheels' CUDA version (`bootstrap diagnose`, gpu section), "
+                "or set BOOTSTRAP_REQUIRE_GPU=0 to allow CPU",
+            )
+        return info
+
+    def device(self) -> dict[str, Any]:
+        return dict(self._device)
+
+    # -- warm-up -----------------------------------------------------------------------------
+
+    def warm_up(self) -> None:
+        """One swap on a generated picture: every session at job shapes, every encoder."""
+        img = _warmup_image()
+        self._detect(img)  # the detector's fixed-size session is built on first use
+        face = _template_face(img)
+        self.recognizer.get(img, face)
+        out = self.swapper.get(img, face, face, paste_back=True)
+        for fmt in ("png", "jpeg", "webp"):
+            data = wio.encode_image(out[:64, :64], None, fmt)
+            wio.decode_image(data, max_pixels=10**6, max_side=32, what="warm-up")
+        base64.b64encode(data)
+
+    # -- a job -------------------------------------------------------------------------------
+
+    def _detect(self, img: np.ndarray) -> list[Face]:
+        """Faces left to right (then top to bottom), without embeddings."""
+        bboxes, kpss = self.detector.detect(img, max_num=0, metric="default")
+        faces = []
+        for i in range(bboxes.shape[0]):
+            kps = kpss[i] if kpss is not None else None
+            faces.append(Face(bbox=bboxes[i, 0:4], kps=kps, det_score=float(bboxes[i, 4])))
+        faces.sort(key=lambda f: (float(f.bbox[0]), float(f.bbox[1])))
+        return faces
+
+    def _bytes(self, ref: ImageRef) -> bytes:
+        if ref.kind == "url":
+            return wio.fetch_url(ref.value, self.policy)
+        return wio.decode_base64(ref.value, self.settings.worker_max_input_bytes, f"{ref.what}_image")
+
+    def run(self, job_input: dict[str, Any]) -> dict[str, Any]:
+        """Swap the source face onto the target's face(s); see the module docstring."""
+        req = parse_input(job_input)
+        t = _Stages()
+        with t.stage("fetch"):
+            src_bytes = self._bytes(req.source)
+            dst_bytes = self._bytes(req.target)
+        with t.stage("decode"):
+            limits = {"max_pixels": self.settings.worker_max_pixels, "max_side": req.max_side}
+            src = wio.decode_image(src_bytes, what="the source image", **limits)
+            del src_bytes
+            dst = wio.decode_image(dst_bytes, what="the target image", **limits)
+            del dst_bytes
+        with t.stage("detect"), _model_errors():
+            src_faces = self._detect(src.bgr)
+            if not src_faces:
+                raise JobError("NO_FACE_IN_SOURCE", "no face found in the source image")
+            if req.source_index > len(src_faces):
+                raise JobError(
+                    "FACE_INDEX_OUT_OF_RANGE",
+                    f"source_index is {req.source_index} but the source image has {len(src_faces)} face(s)",
+                )
+            source_face = src_faces[req.source_index - 1]
+            self.recognizer.get(src.bgr, source_face)
+            dst_faces = self._detect(dst.bgr)
+            if not dst_faces:
+                raise JobError("NO_FACE_IN_TARGET", "no face found in the target image")
+            if req.target_index > len(dst_faces):
+                raise JobError(
+                    "FACE_INDEX_OUT_OF_RANGE",
+                    f"target_index is {req.target_index} but the target image has {len(dst_faces)} face(s)",
+                )
+        chosen = dst_faces if req.target_index == 0 else [dst_faces[req.target_index - 1]]
+        with t.stage("swap"), _model_errors():
+            result = dst.bgr
+            for face in chosen:
+                result = self.swapper.get(result, face, source_face, paste_back=True)
+        with t.stage("encode"):
+            data = wio.encode_image(result, dst.alpha, req.output_format)
+        out: dict[str, Any] = {"success": True}
+        if req.output == "s3":
+            with t.stage("upload"):
+                out.update(self.uploader.upload(data, wio.OUTPUT_FORMATS[req.output_format], req.s3))
+        else:
+            with t.stage("encode"):
+                out["image_base64"] = base64.b64encode(data).decode("ascii")
+        out["faces"] = {"source": len(src_faces), "target": len(dst_faces)}
+        out["swapped"] = len(chosen)
+        out["ms"] = t.ms
+        return out
+
+
+def load(ctx: LoadContext) -> FaceSwap:
+    """Warm-load the face-swap pipeline from the plan's model paths (see the module docstring)."""
+    return FaceSwap(ctx)
+
+
+__all__ = ["NAME", "FaceSwap", "load", "parse_input"]
