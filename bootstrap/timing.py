@@ -116,7 +116,7 @@ class Boot:
     ok: bool = False
     exit_code: int | None = None
     error: str | None = None
-    phases: dict[str, float | None] = field(default_factory=dict)
+    phases: dict[str, float | None] = field(default_factory=lambda: dict.fromkeys(PHASES))
     job_status: str | None = None
     health: str | None = None
     job_ms: float | None = None
