@@ -54,6 +54,15 @@ def explain_text(code: errors.ExitCode) -> str:
     return f"exit code {code.code} ({code.name}): {code.meaning}\nwhat to do: {code.todo}"
 
 
+def _cmd_diagnose(args: argparse.Namespace, settings: Settings | None) -> int:
+    import os
+
+    from bootstrap.diagnose import run_diagnose
+
+    # Reads the environment itself: a bad setting is reported (exit 3), not fatal (exit 2).
+    return run_diagnose(args.json, os.environ)
+
+
 def _cmd_explain(args: argparse.Namespace, settings: Settings) -> int:
     code = errors.lookup(args.code)
     if code is None:
@@ -90,6 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="a placeholder's value")
     p.set_defaults(func=_cmd_render)
 
+    p = sub.add_parser("diagnose", help="what is wrong on this worker or volume, and what to do (reads only)")
+    p.add_argument("--json", action="store_true", help="one JSON object (report_version 1) instead of text")
+    p.set_defaults(func=_cmd_diagnose)
+
     p = sub.add_parser("explain", help="what an exit code means and what to do")
     p.add_argument("code", help="a number (13) or a name (WEIGHTS)")
     p.set_defaults(func=_cmd_explain)
@@ -117,6 +130,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     debug = False
     try:
+        if args.command == "diagnose":  # diagnose reports bad settings instead of stopping on them
+            return int(args.func(args, None))
         settings = Settings.from_env()
         debug = settings.debug
         return int(args.func(args, settings))
