@@ -1,0 +1,129 @@
+"""The ``.verified`` records, the warm-boot check, publishing and quarantine (SPEC §5, §6).
+
+A file on the volume is trusted only when ``models/.verified/<dest>.json`` exists and the file
+still has the recorded size and passes the format sniff — checks that read a KiB per file, so a
+warm boot costs no network and no hashing of gigabytes (FAILURES F13, F16).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from bootstrap.manifest import ModelFile
+from bootstrap.volume import Volume
+from bootstrap.weights.verify import format_for, sniff
+
+
+def verified_record_path(volume: Volume, dest: str) -> Path:
+    """Where the record of ``dest`` (a file, or a zip's unpack directory) lives."""
+    return volume.verified / f"{dest}.json"
+
+
+def read_record(volume: Volume, dest: str) -> dict[str, Any] | None:
+    try:
+        data = json.loads(verified_record_path(volume, dest).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def check_verified(volume: Volume, f: ModelFile) -> str | None:
+    """Why ``f`` is not usable as it is on the volume, or None when it is.
+
+    Usable: its record exists, and every recorded file is there with the recorded size and
+    passes the format sniff. No hashing, no network.
+    """
+    record_path = verified_record_path(volume, f.published_dest)
+    try:
+        record = json.loads(record_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return "not fetched yet (no .verified record)"
+    except (OSError, ValueError):
+        return "its .verified record is unreadable"
+    if not isinstance(record, dict):
+        return "its .verified record is unreadable"
+    target = volume.models / f.published_dest
+    if f.format == "zip":
+        files = record.get("files")
+        if not isinstance(files, list) or not files:
+            return "its .verified record lists no files"
+        for item in files:
+            p = target / str(item.get("path", ""))
+            why = _check_one(p, item.get("size"), format_for(p.name))
+            if why:
+                return why
+        return None
+    return _check_one(target, record.get("size"), f.format)
+
+
+def _check_one(path: Path, size: object, fmt: str) -> str | None:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return f"{path} is missing"
+    except OSError as err:
+        return f"{path} is unreadable: {err.strerror or err}"
+    if st.st_size != size:
+        return f"{path} is {st.st_size} bytes, but {size} were verified"
+    why = sniff(path, fmt)
+    if why:
+        return f"{path} fails the {fmt} sniff: {why}"
+    return None
+
+
+def fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def write_record(volume: Volume, dest: str, record: dict[str, Any]) -> Path:
+    """Write the record of ``dest`` (temp name, fsync, rename) — after the file it describes."""
+    path = verified_record_path(volume, dest)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    with open(tmp, "w", encoding="utf-8") as out:
+        json.dump({**record, "verified_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}, out, indent=2)
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+    return path
+
+
+def quarantine(volume: Volume, path: Path, dest: str, reason: str, **facts: Any) -> Path:
+    """Move a bad file or directory to ``quarantine/`` with a ``.reason.json`` beside it.
+
+    Names are ``<dest with / as __>.<UTC stamp>.<8 hex>``, so gc can sort by age and diagnose
+    can match them to their manifest entry.
+    """
+    volume.quarantine.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    name = f"{dest.replace('/', '__')}.{stamp}.{uuid.uuid4().hex[:8]}"
+    target = volume.quarantine / name
+    try:
+        os.rename(path, target)
+    except OSError:
+        # Another filesystem, or it vanished: never leave a bad file where it could be trusted.
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        target = volume.quarantine / f"{name}.discarded"
+    reason_path = volume.quarantine / f"{name}.reason.json"
+    with contextlib.suppress(OSError):
+        reason_path.write_text(
+            json.dumps({"dest": dest, "reason": reason, "at": stamp, **facts}, indent=2), encoding="utf-8"
+        )
+    return target

@@ -1,0 +1,566 @@
+"""Where a weight file's bytes come from: ``hf://``, ``https://``, ``s3://``, ``file://`` (SPEC §6).
+
+Each source becomes a `Source`: `Source.probe` learns the size (and, from the Hub, the sha256)
+without downloading; `Source.connect` gives one `Connection` per download thread, whose `get`
+asks for a byte range. Only the standard library (``http.client``) is used for HTTP; ``boto3`` is
+imported only when an ``s3://`` source is actually used.
+
+Errors are split in two: `Transient` (retry the same request later: a dropped connection, a
+timeout, 429 or 5xx — with the server's Retry-After when it gave one) and `SourceFailed` (this
+source will not give the file: 404, 403, a wrong size; try the next source).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import ipaddress
+import os
+import re
+import socket
+import ssl
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
+from pathlib import Path
+from typing import Any, Protocol
+from urllib.parse import quote, unquote, urljoin, urlsplit
+
+from bootstrap.errors import ConfigError
+
+HF_DEFAULT_ENDPOINT = "https://huggingface.co"
+USER_AGENT = "volume-worker-bootstrap/1"
+MAX_REDIRECTS = 5
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
+
+
+class Transient(Exception):
+    """Worth retrying the same request; ``retry_after`` is the server's wish in seconds."""
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class SourceFailed(Exception):
+    """This source will not give a good file; the next one is tried."""
+
+
+@dataclass
+class Probe:
+    """What a source says about the file before any byte of it is fetched."""
+
+    size: int | None
+    #: a sha256 the source itself vouches for (the Hub's LFS ETag), else None
+    sha256: str | None = None
+    #: an opaque version tag (HTTP ETag, S3 ETag), to match a journal against
+    etag: str | None = None
+
+
+class Response(Protocol):
+    """A body being received: ``readinto`` returns 0 at its end."""
+
+    #: True when the body is the whole file (a server that ignored the Range header)
+    whole: bool
+
+    def readinto(self, buf: memoryview) -> int: ...
+
+    def close(self) -> None: ...
+
+
+class Connection(Protocol):
+    def get(self, start: int, end: int | None) -> Response:
+        """Bytes ``start..end`` inclusive (``end`` None: to the end of the file)."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class Source(Protocol):
+    #: where the bytes come from, for logs and records (never holds a credential)
+    label: str
+
+    def probe(self) -> Probe: ...
+
+    def connect(self) -> Connection: ...
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _retry_after(value: str | None) -> float | None:
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    with contextlib.suppress(TypeError, ValueError, IndexError, OverflowError):
+        import time
+
+        return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
+    return None
+
+
+# -- HTTP(S) -----------------------------------------------------------------------------------
+
+
+def _new_connection(url: str, timeout: float) -> http.client.HTTPConnection:
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if parts.scheme == "https":
+        return http.client.HTTPSConnection(host, parts.port, timeout=timeout, context=ssl.create_default_context())
+    if parts.scheme == "http" and is_loopback(host):
+        return http.client.HTTPConnection(host, parts.port, timeout=timeout)
+    raise SourceFailed(f"{parts.scheme}://{host}: only https:// (or http:// on loopback) is fetched")
+
+
+def _path_of(url: str) -> str:
+    parts = urlsplit(url)
+    return (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+
+
+def _host_key(url: str) -> tuple[str, str, int | None]:
+    p = urlsplit(url)
+    return (p.scheme, p.hostname or "", p.port)
+
+
+def _status_error(status: int, reason: str, headers: Any, what: str) -> Exception:
+    if status == 429 or status >= 500:
+        return Transient(f"{what}: HTTP {status} {reason}", _retry_after(headers.get("Retry-After")))
+    if status in (401, 403):
+        return SourceFailed(f"{what}: HTTP {status} {reason} (check the token or the URL)")
+    return SourceFailed(f"{what}: HTTP {status} {reason}")
+
+
+class _HTTPBody:
+    def __init__(self, resp: http.client.HTTPResponse, whole: bool, expect: int | None) -> None:
+        self.resp = resp
+        self.whole = whole
+        self.left = expect
+
+    def readinto(self, buf: memoryview) -> int:
+        try:
+            n = self.resp.readinto(buf)
+        except (OSError, http.client.HTTPException) as err:
+            raise Transient(f"connection broke mid-body: {type(err).__name__}: {err}") from None
+        if n == 0 and self.left:
+            raise Transient(f"the body ended {self.left} bytes short of its Content-Length")
+        if self.left is not None:
+            self.left -= n
+        return n
+
+    def close(self) -> None:
+        self.resp.close()
+
+
+class HTTPConnection:
+    """One keep-alive connection (per download thread) to where the bytes are."""
+
+    def __init__(self, source: HTTPSource) -> None:
+        self.source = source
+        self.conn: http.client.HTTPConnection | None = None
+        self.url = source.data_url or source.url
+
+    def _request(self, method: str, url: str, headers: dict[str, str]) -> http.client.HTTPResponse:
+        if self.conn is None or _host_key(url) != _host_key(self.url):
+            self.close()
+            self.conn = _new_connection(url, self.source.timeout_s)
+            self.url = url
+        try:
+            self.conn.request(method, _path_of(url), headers=self.source.headers_for(url, headers))
+            return self.conn.getresponse()
+        except (OSError, http.client.HTTPException) as err:
+            self.close()
+            raise Transient(f"{method} failed: {type(err).__name__}: {err}") from None
+
+    def get(self, start: int, end: int | None) -> Response:
+        url = self.source.data_url or self.source.url
+        headers = {"Range": f"bytes={start}-{'' if end is None else end}"}
+        for _ in range(MAX_REDIRECTS + 1):
+            resp = self._request("GET", url, headers)
+            if resp.status in (301, 302, 303, 307, 308) and resp.getheader("Location"):
+                resp.read()
+                url = urljoin(url, resp.getheader("Location", ""))
+                continue
+            break
+        else:
+            raise SourceFailed(f"{self.source.label}: too many redirects")
+        size = self.source.size
+        if resp.status == 206:
+            m = _CONTENT_RANGE.fullmatch(resp.getheader("Content-Range", "").strip())
+            want_end = end if end is not None else (size - 1 if size else None)
+            if (
+                not m
+                or int(m.group(1)) != start
+                or (want_end is not None and int(m.group(2)) != want_end)
+                or (size is not None and m.group(3) != "*" and int(m.group(3)) != size)
+            ):
+                resp.close()
+                self.close()
+                raise Transient(
+                    f"asked for bytes {start}-{end}, got Content-Range {resp.getheader('Content-Range')!r}"
+                )
+            expect = int(m.group(2)) - start + 1
+            if resp.length is not None and resp.length != expect:
+                resp.close()
+                self.close()
+                raise Transient(f"Content-Length {resp.length} does not match the range's {expect} bytes")
+            return _HTTPBody(resp, False, expect)
+        if resp.status == 200:
+            if size is not None and resp.length is not None and resp.length != size:
+                resp.close()
+                self.close()
+                raise Transient(f"Content-Length {resp.length} is not the file's size {size}")
+            return _HTTPBody(resp, True, resp.length)
+        err = _status_error(resp.status, resp.reason, resp.headers, self.source.label)
+        resp.read()
+        if resp.will_close:
+            self.close()
+        raise err
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
+
+
+class HTTPSource:
+    """An ``https://`` (or loopback ``http://``) URL, or a Hub resolve URL (``hub=True``)."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        label: str | None = None,
+        token: str | None = None,
+        hub: bool = False,
+        timeout_s: float = 30.0,
+    ) -> None:
+        self.url = url
+        self.label = label or url
+        self.token = token
+        self.hub = hub
+        self.timeout_s = timeout_s
+        self.token_host = urlsplit(url).hostname
+        #: where GETs go after the probe followed redirects (a CDN for Hub LFS files)
+        self.data_url: str | None = None
+        self.size: int | None = None
+
+    def headers_for(self, url: str, extra: dict[str, str]) -> dict[str, str]:
+        headers = {"User-Agent": USER_AGENT, "Accept-Encoding": "identity", **extra}
+        # The token goes only to the host it belongs to, never to a redirect's CDN.
+        if self.token and urlsplit(url).hostname == self.token_host:
+            headers["Authorization"] = f"Bearer {self.token}"
+        return headers
+
+    def probe(self) -> Probe:
+        """HEAD (following redirects by hand, so the Hub's X-Linked-* headers are seen)."""
+        conn = HTTPConnection(self)
+        url = self.url
+        linked_size: str | None = None
+        linked_etag: str | None = None
+        try:
+            for _ in range(MAX_REDIRECTS + 1):
+                resp = conn._request("HEAD", url, {})
+                resp.read()
+                linked_size = linked_size or resp.getheader("X-Linked-Size")
+                linked_etag = linked_etag or resp.getheader("X-Linked-Etag")
+                if resp.status in (301, 302, 303, 307, 308) and resp.getheader("Location"):
+                    url = urljoin(url, resp.getheader("Location", ""))
+                    continue
+                break
+            else:
+                raise SourceFailed(f"{self.label}: too many redirects")
+            if resp.status in (405, 501):
+                return self._probe_by_get(conn, url)
+            if resp.status != 200:
+                raise _status_error(resp.status, resp.reason, resp.headers, self.label)
+            etag = _clean_etag(linked_etag or resp.getheader("ETag"))
+            size_text = linked_size or resp.getheader("Content-Length")
+            size = int(size_text) if size_text and size_text.isdigit() else None
+            if self.hub and linked_size and resp.getheader("Content-Length", "").isdigit():
+                if int(resp.getheader("Content-Length", "0")) != size:
+                    raise SourceFailed(
+                        f"{self.label}: the Hub says {size} bytes but the file's host says {resp.getheader('Content-Length')}"
+                    )
+            sha = etag if (self.hub and etag and _HEX64.fullmatch(etag)) else None
+            self.data_url = url
+            self.size = size
+            return Probe(size=size, sha256=sha, etag=etag)
+        finally:
+            conn.close()
+
+    def _probe_by_get(self, conn: HTTPConnection, url: str) -> Probe:
+        self.data_url = url
+        body = conn.get(0, 0)
+        body.close()
+        conn.close()
+        assert isinstance(body, _HTTPBody)
+        m = _CONTENT_RANGE.fullmatch(body.resp.getheader("Content-Range", "").strip())
+        size = int(m.group(3)) if m and m.group(3).isdigit() else body.resp.length if body.whole else None
+        self.size = size
+        return Probe(size=size, etag=_clean_etag(body.resp.getheader("ETag")))
+
+    def connect(self) -> Connection:
+        return HTTPConnection(self)
+
+
+def _clean_etag(value: str | None) -> str | None:
+    if not value:
+        return None
+    value = value.strip()
+    if value.startswith("W/"):
+        value = value[2:]
+    return value.strip('"') or None
+
+
+# -- S3 ----------------------------------------------------------------------------------------
+
+
+class _S3Body:
+    whole = False
+
+    def __init__(self, body: Any) -> None:
+        self.body = body
+
+    def readinto(self, buf: memoryview) -> int:
+        try:
+            data = self.body.read(len(buf))
+        except Exception as err:  # botocore raises its own types for a broken stream
+            raise Transient(f"S3 stream broke: {type(err).__name__}: {err}") from None
+        buf[: len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.body.close()
+
+
+class S3Connection:
+    def __init__(self, source: S3Source) -> None:
+        self.source = source
+
+    def get(self, start: int, end: int | None) -> Response:
+        rng = f"bytes={start}-{'' if end is None else end}"
+        try:
+            resp = self.source.client().get_object(Bucket=self.source.bucket, Key=self.source.key, Range=rng)
+        except Exception as err:
+            raise self.source.translate(err) from None
+        return _S3Body(resp["Body"])
+
+    def close(self) -> None:
+        pass
+
+
+class S3Source:
+    """``s3://bucket/key``; endpoint and keys from the usual AWS_* variables (boto3's chain)."""
+
+    def __init__(self, bucket: str, key: str, environ: Mapping[str, str], *, timeout_s: float = 30.0) -> None:
+        self.bucket, self.key = bucket, key
+        self.environ = environ
+        self.timeout_s = timeout_s
+        self.label = f"s3://{bucket}/{key}"
+        self._client: Any = None
+        self._lock = threading.Lock()
+
+    def client(self) -> Any:
+        with self._lock:
+            if self._client is None:
+                try:
+                    import boto3  # lazily: only an s3:// source needs it
+                    from botocore.config import Config
+                except ImportError as err:
+                    raise SourceFailed(f"{self.label}: boto3 is not installed ({err})") from None
+                env = self.environ
+                session = boto3.session.Session(
+                    aws_access_key_id=env.get("AWS_ACCESS_KEY_ID") or None,
+                    aws_secret_access_key=env.get("AWS_SECRET_ACCESS_KEY") or None,
+                    aws_session_token=env.get("AWS_SESSION_TOKEN") or None,
+                    region_name=env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or "us-east-1",
+                    profile_name=env.get("AWS_PROFILE") or None,
+                )
+                self._client = session.client(
+                    "s3",
+                    endpoint_url=env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL") or None,
+                    config=Config(
+                        connect_timeout=self.timeout_s,
+                        read_timeout=self.timeout_s,
+                        retries={"max_attempts": 2, "mode": "standard"},
+                        max_pool_connections=32,
+                    ),
+                )
+            return self._client
+
+    def translate(self, err: Exception) -> Exception:
+        if isinstance(err, SourceFailed | Transient):
+            return err
+        response = getattr(err, "response", None)
+        if isinstance(response, dict):
+            code = str(response.get("Error", {}).get("Code", ""))
+            status = int(response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+            if status == 429 or status >= 500 or code in {"SlowDown", "Throttling", "RequestTimeout"}:
+                return Transient(f"{self.label}: {code or status}")
+            return SourceFailed(f"{self.label}: {code or status} (check the bucket, key and AWS_* credentials)")
+        name = type(err).__name__
+        if name in {"NoCredentialsError", "PartialCredentialsError"}:
+            return SourceFailed(f"{self.label}: no AWS credentials (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)")
+        return Transient(f"{self.label}: {name}: {err}")
+
+    def probe(self) -> Probe:
+        try:
+            head = self.client().head_object(Bucket=self.bucket, Key=self.key)
+        except Exception as err:
+            raise self.translate(err) from None
+        return Probe(size=int(head["ContentLength"]), etag=_clean_etag(head.get("ETag")))
+
+    def connect(self) -> Connection:
+        return S3Connection(self)
+
+
+# -- file:// -----------------------------------------------------------------------------------
+
+
+class _FileBody:
+    whole = False
+
+    def __init__(self, fd: int, start: int, end: int) -> None:
+        self.fd, self.pos, self.end = fd, start, end
+
+    def readinto(self, buf: memoryview) -> int:
+        n = min(len(buf), self.end + 1 - self.pos)
+        if n <= 0:
+            return 0
+        n = os.preadv(self.fd, [buf[:n]], self.pos)
+        self.pos += n
+        return n
+
+    def close(self) -> None:
+        pass
+
+
+class FileConnection:
+    def __init__(self, source: FileSource) -> None:
+        self.source = source
+        self.fd: int | None = None
+
+    def get(self, start: int, end: int | None) -> Response:
+        if self.fd is None:
+            try:
+                self.fd = os.open(self.source.path, os.O_RDONLY)
+            except OSError as err:
+                raise SourceFailed(f"{self.source.label}: {err.strerror or err}") from None
+        size = os.fstat(self.fd).st_size
+        return _FileBody(self.fd, start, size - 1 if end is None else end)
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+class FileSource:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.label = f"file://{path}"
+
+    def probe(self) -> Probe:
+        try:
+            st = self.path.stat()
+        except OSError as err:
+            raise SourceFailed(f"{self.label}: {err.strerror or err}") from None
+        if not self.path.is_file():
+            raise SourceFailed(f"{self.label}: not a file")
+        return Probe(size=st.st_size, etag=f"{st.st_mtime_ns}-{st.st_size}")
+
+    def connect(self) -> Connection:
+        return FileConnection(self)
+
+
+# -- parsing -----------------------------------------------------------------------------------
+
+
+def hf_url(source: str, endpoint: str) -> str:
+    """``hf://[datasets/|spaces/]ORG/REPO/PATH?revision=REV`` → the Hub's resolve URL."""
+    parts = urlsplit(source)
+    segments = [s for s in (parts.netloc + parts.path).split("/") if s]
+    prefix = ""
+    if segments and segments[0] in ("datasets", "spaces"):
+        prefix, segments = segments[0] + "/", segments[1:]
+    if len(segments) < 3:
+        raise ConfigError(
+            f"{source!r} is not hf://ORG/REPO/PATH?revision=COMMIT",
+            hint="e.g. hf://org/repo/model.onnx?revision=<40-hex commit>",
+        )
+    query = dict(p.split("=", 1) for p in parts.query.split("&") if "=" in p)
+    revision = unquote(query.get("revision", "main"))
+    repo = "/".join(segments[:2])
+    path = "/".join(segments[2:])
+    return f"{endpoint.rstrip('/')}/{prefix}{repo}/resolve/{quote(revision, safe='')}/{quote(path)}"
+
+
+def make_source(url: str, environ: Mapping[str, str], *, timeout_s: float = 30.0) -> Source:
+    """A `Source` for a manifest or mirror URL; `ConfigError` when it cannot be one."""
+    parts = urlsplit(url)
+    scheme = parts.scheme
+    if scheme == "hf":
+        endpoint = (environ.get("HF_ENDPOINT") or HF_DEFAULT_ENDPOINT).strip()
+        resolved = hf_url(url, endpoint)
+        _check_http(resolved, "HF_ENDPOINT")
+        return HTTPSource(
+            resolved, label=url, token=environ.get("HF_TOKEN") or None, hub=True, timeout_s=timeout_s
+        )
+    if scheme in ("https", "http"):
+        _check_http(url, "the source")
+        return HTTPSource(url, label=_strip_query(url), timeout_s=timeout_s)
+    if scheme == "s3":
+        key = parts.path.lstrip("/")
+        if not parts.netloc or not key:
+            raise ConfigError(f"{url!r} is not s3://BUCKET/KEY", hint="e.g. s3://my-bucket/models/x.onnx")
+        return S3Source(parts.netloc, unquote(key), environ, timeout_s=timeout_s)
+    if scheme == "file":
+        return FileSource(Path(unquote(parts.path)))
+    raise ConfigError(f"{url!r}: unsupported scheme {scheme!r}", hint="use hf://, https://, s3:// or file://")
+
+
+def _check_http(url: str, what: str) -> None:
+    parts = urlsplit(url)
+    if parts.scheme == "http" and not is_loopback(parts.hostname or ""):
+        raise ConfigError(
+            f"{what} {_strip_query(url)!r} is plain http:// to a non-loopback host",
+            hint="use https:// (plain http is only accepted on 127.0.0.1 for tests)",
+        )
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"{what} {_strip_query(url)!r} is not an https:// URL", hint="use https://HOST/...")
+
+
+def _strip_query(url: str) -> str:
+    """A URL fit for logs: no query string (presigned URLs carry credentials there), no userinfo."""
+    p = urlsplit(url)
+    host = p.hostname or ""
+    if p.port:
+        host = f"{host}:{p.port}"
+    return f"{p.scheme}://{host}{p.path}"
+
+
+def mirror_url(mirror: str, dest: str) -> str:
+    """Where ``BOOTSTRAP_MIRROR`` holds ``dest``: a directory, an https:// base or s3://bucket/prefix."""
+    if mirror.startswith(("https://", "http://", "s3://")):
+        return mirror.rstrip("/") + "/" + quote(dest)
+    if mirror.startswith("file://"):
+        mirror = unquote(urlsplit(mirror).path)
+    return Path(mirror, dest).resolve().as_uri()
+
+
+def host_of(url: str) -> str:
+    """For messages: the host a URL talks to."""
+    with contextlib.suppress(ValueError):
+        return urlsplit(url).hostname or socket.gethostname()
+    return "?"

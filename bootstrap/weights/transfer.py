@@ -1,0 +1,493 @@
+"""One file's bytes from a `Source` into a part directory: parallel, resumable, hashed on the fly.
+
+A download lives in ``<dir of dest>/.<name>.<token>.part/`` holding ``data`` (written with
+``pwrite`` at each byte's offset, so memory stays bounded whatever the size) and ``journal``.
+The journal's first line is a JSON header naming what is being fetched (size, sha256, etag,
+source); each further line ``START END`` records a byte range that is written **and fsynced**
+(SPEC §5). A killed download is adopted by renaming its part directory (one atomic claim, so
+two adopters can never share one) and resumes from the ranges its journal records; the
+whole-file sha256 at the end catches anything wrong.
+
+Internal logic:
+
+1. Work = the ranges the journal does not cover, cut into pieces of ``piece_bytes``.
+2. ``connections`` threads each keep one connection and take pieces from a queue; a piece's
+   progress survives a retry (the next request starts where the body broke).
+3. A server that ignores Range (200 with the whole body) switches to one sequential stream.
+4. Every ``sync_every_s`` the coordinator fsyncs ``data``, then appends the newly completed
+   ranges to the journal and fsyncs it — data first, so the journal never claims unsynced bytes.
+5. A hasher thread feeds sha256 with the contiguous written prefix as it grows, so the hash is
+   ready when the last byte lands (reads come from the page cache).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import queue
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bootstrap.weights.sources import Connection, Probe, Source, SourceFailed, Transient
+
+CHUNK = 1024 * 1024
+JOURNAL_VERSION = 1
+
+
+@dataclass(frozen=True)
+class FetchOptions:
+    """Knobs of the fetcher; the defaults are what `bootstrap run` uses."""
+
+    connections: int = 8
+    piece_bytes: int = 8 * 1024 * 1024
+    files_at_once: int = 3
+    timeout_s: float = 30.0
+    #: transient failures tolerated per request before the source is given up
+    retries: int = 6
+    max_retry_after_s: float = 60.0
+    backoff_s: float = 0.5
+    sync_every_s: float = 1.0
+    progress_every_s: float = 5.0
+
+
+class Aborted(Exception):
+    """Stopped from outside (another required file failed); the journal keeps what was synced."""
+
+
+# -- the journal -------------------------------------------------------------------------------
+
+
+def identity(probe: Probe, size: int, sha256: str | None, label: str) -> dict[str, Any]:
+    """What a journal header records so a later adopter can tell it fetches the same bytes."""
+    return {"v": JOURNAL_VERSION, "size": size, "sha256": sha256, "etag": probe.etag, "source": label}
+
+
+def same_target(header: dict[str, Any], ident: dict[str, Any]) -> bool:
+    """Is a journal (``header``) for the same bytes as ``ident``? A known sha256 settles it."""
+    if header.get("v") != JOURNAL_VERSION or header.get("size") != ident["size"]:
+        return False
+    if header.get("sha256") and ident.get("sha256"):
+        return bool(header["sha256"] == ident["sha256"])
+    return header.get("source") == ident["source"] and header.get("etag") == ident["etag"]
+
+
+def read_journal(path: Path) -> tuple[dict[str, Any] | None, list[tuple[int, int]]]:
+    """(header, ranges) from a journal; a torn last line (a kill mid-append) is ignored."""
+    try:
+        text = path.read_bytes().decode("utf-8", errors="replace")
+    except OSError:
+        return None, []
+    lines = text.split("\n")
+    if len(lines) < 2:
+        return None, []
+    try:
+        header = json.loads(lines[0])
+    except ValueError:
+        return None, []
+    ranges = []
+    for line in lines[1:-1]:  # the last element is after the final newline: torn or empty
+        a, _, b = line.partition(" ")
+        if a.isdigit() and b.isdigit() and int(a) < int(b):
+            ranges.append((int(a), int(b)))
+    return (header if isinstance(header, dict) else None), merge(ranges)
+
+
+def merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for a, b in sorted(ranges):
+        if out and a <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], b))
+        else:
+            out.append((a, b))
+    return out
+
+
+def covered_bytes(ranges: list[tuple[int, int]], size: int) -> int:
+    return sum(min(b, size) - a for a, b in ranges if a < size)
+
+
+def write_journal(path: Path, header: dict[str, Any], ranges: list[tuple[int, int]]) -> None:
+    """Rewrite a journal whole (temp + fsync + rename): used when a download is adopted."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(json.dumps(header) + "\n")
+        for a, b in ranges:
+            f.write(f"{a} {b}\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+# -- the transfer ------------------------------------------------------------------------------
+
+
+@dataclass
+class _Piece:
+    start: int
+    end: int  # exclusive
+    done: int = 0  # bytes written from start
+    synced: int = 0  # bytes of it already in the journal
+
+
+@dataclass
+class TransferResult:
+    size: int
+    sha256: str
+    #: bytes received over the network in this run (resumed bytes excluded)
+    received: int
+    resumed: int
+    seconds: float
+    ranges_ignored: bool = False
+    errors: list[str] = field(default_factory=list)
+
+
+class Transfer:
+    """Fetch ``size`` bytes of ``source`` into ``data`` with the journal beside it."""
+
+    def __init__(
+        self,
+        source: Source,
+        data: Path,
+        journal: Path,
+        size: int | None,
+        done_ranges: list[tuple[int, int]],
+        options: FetchOptions,
+        *,
+        on_bytes: Callable[[int], None] = lambda n: None,
+        abort: threading.Event | None = None,
+    ) -> None:
+        self.source = source
+        self.data = data
+        self.journal = journal
+        self.size = size
+        self.options = options
+        self.on_bytes = on_bytes
+        self.abort = abort or threading.Event()
+        self.stop = threading.Event()
+        self.lock = threading.Condition()
+        self.error: BaseException | None = None
+        self.errors: list[str] = []
+        self.received = 0
+        self.ranges_ignored = False
+        self.done_ranges = merge(done_ranges) if size is not None else []
+        self.pieces: list[_Piece] = []
+        if size is not None:
+            cursor = 0
+            for a, b in [*self.done_ranges, (size, size)]:
+                self._cut(cursor, min(a, size))
+                cursor = max(cursor, b)
+        self.resumed = covered_bytes(self.done_ranges, size) if size is not None else 0
+
+    def _cut(self, start: int, end: int) -> None:
+        p = self.options.piece_bytes
+        while start < end:
+            self.pieces.append(_Piece(start, min(end, start + p)))
+            start += p
+
+    # -- coordinator ------------------------------------------------------------------------
+    def run(self) -> TransferResult:
+        """Fetch every missing byte; raise `SourceFailed`, `Aborted` or a disk `OSError`."""
+        t0 = time.monotonic()
+        fd = os.open(self.data, os.O_RDWR | os.O_CREAT, 0o644)
+        jf = open(self.journal, "a", encoding="utf-8")  # noqa: SIM115 - closed below
+        self.fd = fd
+        try:
+            if self.size is None:
+                sha = self._stream_unknown_size(fd)
+            else:
+                sha = self._parallel(fd, jf)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            jf.close()
+        size = os.stat(self.data).st_size
+        return TransferResult(
+            size, sha, self.received, self.resumed, time.monotonic() - t0, self.ranges_ignored, self.errors
+        )
+
+    def _parallel(self, fd: int, jf: Any) -> str:
+        assert self.size is not None
+        if os.fstat(fd).st_size > self.size:
+            os.ftruncate(fd, self.size)
+        work: queue.Queue[_Piece] = queue.Queue()
+        for p in self.pieces:
+            work.put(p)
+        hasher = _Hasher(fd, self)
+        n_threads = max(1, min(self.options.connections, len(self.pieces)))
+        threads = [
+            threading.Thread(target=self._worker, args=(work,), name=f"fetch-{i}", daemon=True)
+            for i in range(n_threads)
+        ]
+        hasher.thread.start()
+        for t in threads:
+            t.start()
+        last_sync = time.monotonic()
+        try:
+            while any(t.is_alive() for t in threads):
+                if self.abort.is_set():
+                    self.stop.set()
+                for t in threads:
+                    t.join(timeout=0.05)
+                    break
+                if time.monotonic() - last_sync >= self.options.sync_every_s:
+                    self._sync(fd, jf)
+                    last_sync = time.monotonic()
+        finally:
+            if self.error is not None:
+                self.stop.set()
+            for t in threads:
+                t.join()
+            self._sync(fd, jf)
+        if self.error is not None:
+            hasher.cancel()
+            raise self.error
+        if self.abort.is_set() and any(p.done < p.end - p.start for p in self.pieces):
+            hasher.cancel()
+            raise Aborted("stopped: another required file failed")
+        return hasher.finish()
+
+    def frontier(self) -> int:
+        """End of the contiguous written prefix (what the hasher may read)."""
+        assert self.size is not None
+        with self.lock:
+            for p in self.pieces:
+                if p.done < p.end - p.start:
+                    return p.start + p.done
+        return self.size
+
+    def _sync(self, fd: int, jf: Any) -> None:
+        """Data first, then the journal: the journal never claims bytes not on disk."""
+        with self.lock:
+            snapshot = [(p, p.done) for p in self.pieces if p.done > p.synced]
+        if not snapshot:
+            return
+        os.fsync(fd)
+        for p, done in snapshot:
+            jf.write(f"{p.start + p.synced} {p.start + done}\n")
+        jf.flush()
+        os.fsync(jf.fileno())
+        with self.lock:
+            for p, done in snapshot:
+                p.synced = max(p.synced, done)
+
+    def _fail(self, err: BaseException) -> None:
+        with self.lock:
+            if self.error is None:
+                self.error = err
+        self.stop.set()
+
+    # -- download threads -------------------------------------------------------------------
+    def _worker(self, work: queue.Queue[_Piece]) -> None:
+        conn = self.source.connect()
+        buf = bytearray(CHUNK)
+        try:
+            while not self.stop.is_set():
+                try:
+                    piece = work.get_nowait()
+                except queue.Empty:
+                    return
+                self._fetch_piece(conn, piece, memoryview(buf))
+        except BaseException as err:
+            self._fail(err)
+        finally:
+            with contextlib.suppress(Exception):
+                conn.close()
+
+    def _fetch_piece(self, conn: Connection, piece: _Piece, buf: memoryview) -> None:
+        failures = 0
+        while piece.done < piece.end - piece.start:
+            if self.stop.is_set() or self.abort.is_set():
+                return
+            try:
+                start = piece.start + piece.done
+                body = conn.get(start, piece.end - 1)
+                try:
+                    if body.whole:
+                        self._take_whole(body, buf)
+                        return
+                    self._read_into(body, piece, buf)
+                finally:
+                    body.close()
+            except Transient as err:
+                failures += 1
+                with self.lock:
+                    self.errors.append(str(err))
+                if failures > self.options.retries:
+                    raise SourceFailed(f"{self.source.label}: gave up after {failures} failures: {err}") from None
+                if err.retry_after is not None:
+                    delay = min(err.retry_after, self.options.max_retry_after_s)
+                else:
+                    delay = min(self.options.backoff_s * 2 ** (failures - 1), 10.0)
+                self.stop.wait(delay)
+                with contextlib.suppress(Exception):
+                    conn.close()
+
+    def _read_into(self, body: Any, piece: _Piece, buf: memoryview) -> None:
+        fd = self.fd
+        while piece.done < piece.end - piece.start:
+            if self.stop.is_set() or self.abort.is_set():
+                return
+            want = min(len(buf), piece.end - piece.start - piece.done)
+            n = body.readinto(buf[:want])
+            if n == 0:
+                raise Transient(f"the body ended at byte {piece.start + piece.done} of a range ending at {piece.end}")
+            os.pwrite(fd, buf[:n], piece.start + piece.done)
+            with self.lock:
+                piece.done += n
+                self.received += n
+            self.on_bytes(n)
+
+    def _take_whole(self, body: Any, buf: memoryview) -> None:
+        """The server ignored Range: take the whole body from byte 0, marking pieces as it goes."""
+        with self.lock:
+            if self.ranges_ignored:
+                return  # another thread already streams the whole body and fills this piece
+            self.ranges_ignored = True
+            self.errors.append("the server ignored Range (200 instead of 206): one stream from byte 0")
+        assert self.size is not None
+        failures = 0
+        conn: Connection | None = None
+        try:
+            while True:
+                pos = 0
+                try:
+                    while pos < self.size:
+                        if self.abort.is_set() or (self.stop.is_set() and self.error is not None):
+                            return
+                        n = body.readinto(buf[: min(len(buf), self.size - pos)])
+                        if n == 0:
+                            raise Transient(f"the body ended at byte {pos} of {self.size}")
+                        os.pwrite(self.fd, buf[:n], pos)
+                        pos += n
+                        with self.lock:
+                            self.received += n
+                            for p in self.pieces:
+                                if p.start < pos and p.done < p.end - p.start:
+                                    p.done = max(p.done, min(pos, p.end) - p.start)
+                        self.on_bytes(n)
+                    return
+                except Transient as err:
+                    failures += 1
+                    with self.lock:
+                        self.errors.append(str(err))
+                    if failures > self.options.retries:
+                        raise SourceFailed(f"{self.source.label}: gave up after {failures} failures: {err}") from None
+                    delay = err.retry_after if err.retry_after is not None else self.options.backoff_s * 2 ** (failures - 1)
+                    time.sleep(min(delay, self.options.max_retry_after_s))
+                    body.close()
+                    if conn is not None:
+                        conn.close()
+                    conn = self.source.connect()
+                    with contextlib.suppress(Transient):
+                        body = conn.get(0, None)
+                        continue
+                    body = _Empty()
+        finally:
+            if conn is not None:
+                conn.close()
+
+    def _stream_unknown_size(self, fd: int) -> str:
+        """No size known: one stream to its end, no resume; hashed as it lands."""
+        os.ftruncate(fd, 0)
+        conn = self.source.connect()
+        h = hashlib.sha256()
+        buf = bytearray(CHUNK)
+        mv = memoryview(buf)
+        try:
+            body = conn.get(0, None)
+            pos = 0
+            while True:
+                n = body.readinto(mv)
+                if n == 0:
+                    break
+                os.pwrite(fd, mv[:n], pos)
+                h.update(mv[:n])
+                pos += n
+                self.received += n
+                self.on_bytes(n)
+                if self.abort.is_set():
+                    raise Aborted("stopped: another required file failed")
+            body.close()
+        except Transient as err:
+            raise SourceFailed(f"{self.source.label}: {err} (size unknown, so no resume)") from None
+        finally:
+            conn.close()
+        return h.hexdigest()
+
+
+class _Empty:
+    """A body that is already over (a retry's request failed): the next read retries again."""
+
+    whole = True
+
+    def readinto(self, buf: memoryview) -> int:
+        return 0
+
+    def close(self) -> None:
+        pass
+
+
+class _Hasher:
+    """sha256 of the data file's contiguous prefix, fed as the prefix grows."""
+
+    def __init__(self, fd: int, transfer: Transfer) -> None:
+        self.fd = fd
+        self.transfer = transfer
+        self.h = hashlib.sha256()
+        self.pos = 0
+        self.cancelled = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="sha256", daemon=True)
+        self.failed: BaseException | None = None
+
+    def _run(self) -> None:
+        size = self.transfer.size
+        assert size is not None
+        try:
+            while self.pos < size and not self.cancelled.is_set():
+                limit = self.transfer.frontier()
+                if limit <= self.pos:
+                    if self.transfer.stop.is_set() and self.transfer.error is not None:
+                        return
+                    time.sleep(0.02)
+                    continue
+                while self.pos < limit and not self.cancelled.is_set():
+                    n = min(4 * CHUNK, limit - self.pos)
+                    data = os.pread(self.fd, n, self.pos)
+                    if not data:
+                        raise OSError(f"short read at {self.pos}")
+                    self.h.update(data)
+                    self.pos += len(data)
+        except BaseException as err:
+            self.failed = err
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+        self.thread.join()
+
+    def finish(self) -> str:
+        self.thread.join()
+        if self.failed is not None:
+            raise self.failed
+        return self.h.hexdigest()
+
+
+def owner_alive(header: dict[str, Any], ttl_s: float, mtime: float) -> bool:
+    """Is the journal's writer perhaps still at it? Same host: its pid; else: recent change."""
+    if header.get("host") == socket.gethostname() and isinstance(header.get("pid"), int):
+        if header["pid"] == os.getpid():
+            return False
+        try:
+            os.kill(header["pid"], 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+    return time.time() - mtime < ttl_s
