@@ -188,6 +188,8 @@ class Options:
     clock: Callable[[], float] = time.time
     #: last-boot checks for at most this many workers (newest first)
     max_workers: int = 50
+    #: longest wait for any section but gpu (which gets twice gpu_timeout_s plus probe_timeout_s)
+    section_timeout_s: float = 30.0
 
 
 # -- helpers ----------------------------------------------------------------------------------
@@ -338,7 +340,7 @@ def find_volume(settings: Settings, cwd: Path | None = None) -> tuple[Volume | N
     try:
         vol = resolve_volume(strict, allow_local=False)
     except VolumeError as err:
-        if settings.require_volume:
+        if settings.require_volume or settings.volume is not None:
             return None, Check("found", Status.BROKEN, err.message, hint=err.hint)
         local = (cwd or Path.cwd()) / ".volume"
         hint = (
@@ -1573,9 +1575,7 @@ SECTION_FNS: Mapping[str, SectionFn] = {
 def _section_deadline(name: str, o: Options) -> float:
     if name == "gpu":
         return 2 * o.gpu_timeout_s + o.probe_timeout_s
-    if name == "volume":
-        return 2 * o.probe_timeout_s + 5
-    return o.probe_timeout_s + o.size_budget_s + 5
+    return o.section_timeout_s
 
 
 def collect(

@@ -11,6 +11,7 @@ of defence behind code that never formats them in the first place (FAILURES F18)
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -96,7 +97,8 @@ class Timeline:
     def close(self) -> None:
         for f in (self._jsonl, self._text):
             if f is not None:
-                f.close()
+                with contextlib.suppress(OSError):  # a full volume must not turn exit 11 into 1
+                    f.close()
         self._jsonl = self._text = None
 
     def _scrub(self, text: str) -> str:
@@ -110,8 +112,13 @@ class Timeline:
         if target is None:
             self._pending.append((kind, line))
             return
-        target.write(line + "\n")
-        target.flush()
+        try:
+            target.write(line + "\n")
+            target.flush()
+        except OSError:
+            # A full or failing volume: keep the boot going (its error is on the stream) rather
+            # than let the log itself turn exit 11 into an internal error.
+            pass
 
     def _emit_stream(self, line: str) -> None:
         try:
