@@ -22,6 +22,7 @@ Everything is built with the ``onnx`` helper API from fixed seeds: the same byte
 
 from __future__ import annotations
 
+import contextlib
 import io
 import zipfile
 from pathlib import Path
@@ -305,3 +306,85 @@ def write_models_dir(root: Path) -> dict[str, str]:
     swap = root / INSWAPPER_DEST
     swap.write_bytes(swapper())
     return {BUFFALO_DEST: str(buffalo), INSWAPPER_DEST: str(swap)}
+
+
+# -- pictures and a loopback image server for the face-swap tests -------------------------------
+
+FACE_COLOURS = ((250, 200, 0), (0, 220, 250), (240, 240, 240), (200, 90, 250))
+
+
+def picture(width: int, height: int, faces: list[tuple[int, int, int]], *, seed: int = 0) -> np.ndarray:
+    """An RGB picture: dark noise, plus one bright square per ``(x, y, side)`` (a fixture 'face')."""
+    rng = np.random.default_rng(seed)
+    img = rng.integers(0, 40, size=(height, width, 3), dtype=np.uint8)
+    for i, (x, y, side) in enumerate(faces):
+        img[y : y + side, x : x + side] = FACE_COLOURS[i % len(FACE_COLOURS)]
+    return img
+
+
+def encode(img: np.ndarray, fmt: str = "PNG", **save: object) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, fmt, **save)
+    return buf.getvalue()
+
+
+def b64(data: bytes) -> str:
+    import base64
+
+    return base64.b64encode(data).decode("ascii")
+
+
+class ImageServer:
+    """An ``http.server`` on 127.0.0.1 answering from a table: path → (status, headers, body).
+
+    A body may be a callable writing to the handler itself (slow or endless answers).
+    """
+
+    def __init__(self) -> None:
+        import http.server
+        import threading
+
+        self.routes: dict[str, tuple[int, dict[str, str], object]] = {}
+        self.hits: list[str] = []
+        routes, hits = self.routes, self.hits
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                hits.append(self.path)
+                status, headers, body = routes.get(self.path, (404, {}, b"not found"))
+                self.send_response(status)
+                for k, v in headers.items():
+                    self.send_header(k, v)
+                if callable(body):
+                    self.end_headers()
+                    with contextlib.suppress(OSError):
+                        body(self)
+                    return
+                assert isinstance(body, bytes)
+                if "Content-Length" not in headers:
+                    self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                with contextlib.suppress(OSError):
+                    self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.port = int(self.server.server_address[1])
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def url(self, path: str, host: str = "127.0.0.1") -> str:
+        return f"http://{host}:{self.port}{path}"
+
+    def add(self, path: str, body: object, status: int = 200, headers: dict[str, str] | None = None) -> str:
+        self.routes[path] = (status, headers or {"Content-Type": "image/png"}, body)
+        return self.url(path)
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

@@ -164,6 +164,7 @@ def fetch_url(url: str, policy: FetchPolicy) -> bytes:
         if remaining <= 0:
             raise JobError("FETCH_FAILED", f"fetching {_shown(url)} took longer than {policy.timeout_s:g} s")
         conn = _connection(scheme, host, port, addrs[0], min(remaining, policy.timeout_s))
+        resp: http.client.HTTPResponse | None = None
         try:
             try:
                 conn.request(
@@ -186,6 +187,8 @@ def fetch_url(url: str, policy: FetchPolicy) -> bytes:
                 raise JobError("FETCH_FAILED", f"{_shown(current)} answered HTTP {resp.status} {resp.reason}")
             return _read_limited(resp, policy, deadline, current)
         finally:
+            if resp is not None:
+                resp.close()
             conn.close()
     raise JobError("FETCH_FAILED", f"{_shown(url)} redirected more than {policy.max_redirects} times")
 

@@ -26,8 +26,10 @@ from __future__ import annotations
 import base64
 import contextlib
 import io
+import shutil
 import tempfile
 import time
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -247,13 +249,14 @@ class FaceSwap:
         self.requested = device.requested_providers(available)
         # FaceAnalysis loads every *.onnx of a directory; hand it a private view holding only the
         # files it needs, so the landmark and gender/age models never get a session.
-        self._view = tempfile.TemporaryDirectory(prefix="faceswap-buffalo_l-")
+        view = Path(tempfile.mkdtemp(prefix="faceswap-buffalo_l-"))
+        weakref.finalize(self, shutil.rmtree, view, ignore_errors=True)
         for name in BUFFALO_NEEDED.values():
-            (Path(self._view.name) / name).symlink_to(buffalo / name)
+            (view / name).symlink_to(buffalo / name)
         # INSwapper prints its input shape; keep stdout for the timeline's JSON lines.
         with contextlib.redirect_stdout(io.StringIO()):
             self.app = FaceAnalysis(
-                name=self._view.name,
+                name=str(view),
                 allowed_modules=list(BUFFALO_NEEDED),
                 providers=self.requested,
             )
