@@ -47,6 +47,7 @@ from typing import Any
 
 from bootstrap import errors
 from bootstrap.errors import BootstrapError, InsufficientDiskError, VolumeError
+from bootstrap.manifest import ModelFile
 from bootstrap.settings import (
     CONTAINER_DISK_MIN_FREE,
     KNOWN,
@@ -286,6 +287,13 @@ def _size_text(size: tuple[int, bool], budget_s: float) -> str:
     )
 
 
+def _file_size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
 def _fs_type(path: Path) -> str:
     """The filesystem type of the mount holding ``path`` (``fuse.mfsmount`` on RunPod)."""
     try:
@@ -319,6 +327,10 @@ class Context:
     volume: Volume | None
     volume_problem: Check | None
     hostname: str = field(default_factory=socket.gethostname)
+    #: the env key's inputs and the key this image would use, or why there is none
+    key_inputs: dict[str, Any] | None = None
+    key: str | None = None
+    key_error: BootstrapError | None = None
 
     def no_volume(self) -> list[Check]:
         return [
@@ -688,13 +700,12 @@ def _live_env_leases(ctx: Context) -> dict[str, dict[str, Any]]:
 def check_env(ctx: Context) -> list[Check]:
     from bootstrap import env as envmod
 
-    s, o = ctx.settings, ctx.options
+    o = ctx.options
     checks: list[Check] = []
-    try:
-        inputs = envmod.key_inputs(s, s.extras)
-        key = envmod.env_key(inputs)
-    except BootstrapError as err:
+    if ctx.key_error is not None or ctx.key_inputs is None or ctx.key is None:
+        err = ctx.key_error or BootstrapError("no env key", hint="see the settings section")
         return [Check("key", Status.BROKEN, err.message, hint=err.hint)]
+    inputs, key = ctx.key_inputs, ctx.key
     expected = dict(inputs.get("python") or {})
     extras = ",".join(inputs.get("extras") or []) or "(base only)"
     checks.append(
@@ -985,31 +996,44 @@ def check_leases(ctx: Context) -> list[Check]:
 # -- weights ----------------------------------------------------------------------------------
 
 
-def _quarantined(vol: Volume, limit: int = 2000) -> list[Path]:
-    out: list[Path] = []
+@dataclass(frozen=True)
+class Quarantined:
+    """One file or directory the fetcher moved to ``quarantine/``, with its recorded reason."""
+
+    path: Path
+    dest: str | None
+    reason: str | None
+    present: bool
+
+
+def quarantined(vol: Volume, limit: int = 2000) -> list[Quarantined]:
+    """What ``quarantine/`` holds: ``<dest with / as __>.<stamp>.<hex>`` beside ``<name>.json``."""
     if not vol.quarantine.is_dir():
-        return out
-    for dirpath, _dirs, files in os.walk(vol.quarantine):
-        for name in files:
-            out.append(Path(dirpath) / name)
-            if len(out) >= limit:
-                return out
-    return sorted(out)
+        return []
+    entries = sorted(vol.quarantine.iterdir())[:limit]
+    names = {p.name for p in entries}
+    out: list[Quarantined] = []
+    for p in entries:
+        if p.name.endswith(".json"):
+            stem = p.name.removesuffix(".json")
+            try:
+                data = json.loads(p.read_text(encoding="utf-8", errors="replace"))
+            except (OSError, ValueError):
+                data = {}
+            data = data if isinstance(data, dict) else {}
+            reason = str(data["reason"])[:300] if data.get("reason") else None
+            dest = str(data["dest"]) if data.get("dest") else None
+            out.append(Quarantined(vol.quarantine / stem, dest, reason, stem in names))
+        elif f"{p.name}.json" not in names and not p.name.endswith(".discarded"):
+            out.append(Quarantined(p, None, None, True))
+    return out
 
 
-def _quarantine_reason(path: Path) -> str | None:
-    """The reason recorded beside a quarantined file, if the fetcher wrote one."""
-    for side in (path.with_name(path.name + ".json"), path.with_name(path.name + ".reason")):
-        try:
-            text = side.read_text(encoding="utf-8", errors="replace").strip()
-        except OSError:
-            continue
-        with contextlib.suppress(ValueError):
-            data = json.loads(text)
-            if isinstance(data, dict):
-                return str(data.get("reason") or data.get("error") or text)[:300]
-        return text[:300]
-    return None
+def _matches(q: Quarantined, f: ModelFile) -> bool:
+    dests = {f.dest, f.published_dest}
+    if q.dest is not None:
+        return q.dest in dests
+    return any(q.path.name.startswith(d.replace("/", "__") + ".") for d in dests)
 
 
 def check_weights(ctx: Context) -> list[Check]:
@@ -1031,14 +1055,11 @@ def check_weights(ctx: Context) -> list[Check]:
     vol = ctx.volume
     if vol is None:
         return checks + ctx.no_volume()
-    quarantine = [q for q in _quarantined(vol) if not q.name.endswith((".json", ".reason"))]
+    quarantine = quarantined(vol)
     claimed: set[Path] = set()
     for f in files:
-        base = Path(f.dest).name
-        copies = [
-            q for q in quarantine if base in q.name or str(q.relative_to(vol.quarantine)).startswith(f.dest)
-        ]
-        claimed.update(copies)
+        copies = [q for q in quarantine if _matches(q, f)]
+        claimed.update(q.path for q in copies)
         why = check_verified(vol, f)
         target = vol.models / f.published_dest
         if why is None:
@@ -1052,8 +1073,8 @@ def check_weights(ctx: Context) -> list[Check]:
         role = f"optional capability {f.capability}" if optional else f"required by {f.capability}"
         lines = [f"{why} ({role}); source {f.source}"]
         for q in copies[-3:]:
-            reason = _quarantine_reason(q)
-            lines.append(f"quarantined copy: {q}" + (f" ({reason})" if reason else ""))
+            kept = str(q.path) if q.present else f"{q.path.name} (discarded)"
+            lines.append(f"quarantined copy: {kept}" + (f": {q.reason}" if q.reason else ""))
         if copies:
             hint = (
                 "the source served a file that failed verification (see the quarantined copy): fix "
@@ -1071,8 +1092,11 @@ def check_weights(ctx: Context) -> list[Check]:
             hint += f"; until then boots exit 13, or list {f.capability} in BOOTSTRAP_OPTIONAL to start without it"
         checks.append(Check(f.published_dest, status, "\n".join(lines), hint=hint))
     if quarantine:
-        size = sum(q.stat().st_size for q in quarantine if q.exists())
-        other = len([q for q in quarantine if q not in claimed])
+        deadline = time.monotonic() + ctx.options.size_budget_s
+        size = sum(
+            _dir_size(q.path, deadline)[0] if q.path.is_dir() else _file_size(q.path) for q in quarantine
+        )
+        other = len([q for q in quarantine if q.path not in claimed])
         checks.append(
             Check(
                 "quarantine",
@@ -1220,10 +1244,10 @@ def _gpu_env_checks(
     s, o = ctx.settings, ctx.options
     if ctx.volume is None:
         return ctx.no_volume()
-    try:
-        key = envmod.env_key(envmod.key_inputs(s, s.extras))
-    except BootstrapError as err:
-        return [Check("env_probe", Status.UNKNOWN, f"no env key: {err.message}", hint=err.hint)]
+    key = ctx.key
+    if key is None:
+        why = ctx.key_error.message if ctx.key_error else "?"
+        return [Check("env_probe", Status.UNKNOWN, f"no env key: {why}", hint="see the env section")]
     final = ctx.volume.envs / key
     if not envmod.is_ready(final):
         return [
@@ -1611,6 +1635,15 @@ def collect(
     except BootstrapError as err:
         volume, found = None, Check("found", Status.BROKEN, err.message, hint=err.hint)
     ctx = Context(settings=settings, options=o, volume=volume, volume_problem=found)
+    # The key once, here, before any thread: sysconfig's lazy first read is not thread-safe
+    # (a racing reader saw SOABI as None and computed another key).
+    from bootstrap import env as envmod
+
+    try:
+        ctx.key_inputs = envmod.key_inputs(settings, settings.extras)
+        ctx.key = envmod.env_key(ctx.key_inputs)
+    except BootstrapError as err:
+        ctx.key_error = err
     results: dict[str, Section] = {}
     threads: dict[str, threading.Thread] = {}
     lock = threading.Lock()

@@ -499,6 +499,28 @@ def test_missing_required_model(faceswap_volume: Path, tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_quarantined_model(faceswap_volume: Path, tmp_path: Path) -> None:
+    """The source serves an HTML error page as the model: the fetcher quarantines it, the boot exits 13."""
+    bad = tmp_path / "served" / "model.onnx"
+    bad.parent.mkdir()
+    bad.write_text("<!DOCTYPE html><html><body>Access denied</body></html>\n" * 20)
+    manifest = write_manifest(tmp_path / "models.toml", bad.as_uri())
+    env = base_environ(
+        BOOTSTRAP_VOLUME=str(faceswap_volume), BOOTSTRAP_EXTRAS="faceswap", BOOTSTRAP_MANIFEST=str(manifest),
+        BOOTSTRAP_WORKER_ID="wq",
+    )  # fmt: skip
+    proc = run_bootstrap(["run"], env, timeout=600)
+    assert proc.returncode == 13, proc.stdout[-3000:] + proc.stderr[-3000:]
+    quarantine = faceswap_volume / ".bootstrap" / "quarantine"
+    assert [p for p in quarantine.iterdir() if not p.name.endswith(".json")], "the product quarantined nothing"
+    rc, text, report = diagnose(env)
+    c = assert_broken(rc, text, report, "weights", "demo/model.onnx", "failed verification", "BOOTSTRAP_MIRROR")
+    assert "quarantined copy: " + str(quarantine) in c["detail"]
+    assert "html" in c["detail"].lower()
+    assert "1 file(s)" in check(report, "weights", "quarantine")["detail"]
+
+
+@pytest.mark.slow
 def test_last_boot_exited_13(faceswap_volume: Path, tmp_path: Path) -> None:
     env, _proc = boot_missing_model(faceswap_volume, tmp_path)
     rc, text, report = diagnose(env)
