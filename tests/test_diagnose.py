@@ -22,7 +22,15 @@ import pytest
 
 from bootstrap import diagnose as dg
 from bootstrap.settings import Settings
-from tests.helpers import BOOTSTRAP, REPO, base_environ, can_mount_tmpfs, read_jsonl, run_bootstrap, seed_uv_cache
+from tests.helpers import (
+    BOOTSTRAP,
+    REPO,
+    base_environ,
+    can_mount_tmpfs,
+    read_jsonl,
+    run_bootstrap,
+    seed_uv_cache,
+)
 
 needs_root = pytest.mark.skipif(not can_mount_tmpfs(), reason="needs root to mount tmpfs")
 
@@ -68,7 +76,9 @@ def assert_broken(
     assert " ".join(c["hint"].split()) in flat, text
     assert any(line.split()[:2] == ["broken", name] for line in text.splitlines() if line.strip()), text
     # Broken sections come before ok ones.
-    first = [line for line in text.splitlines() if line.endswith((": broken", ": ok", ": degraded", ": unknown"))]
+    first = [
+        line for line in text.splitlines() if line.endswith((": broken", ": ok", ": degraded", ": unknown"))
+    ]
     assert first[0].endswith(": broken"), first
     return c
 
@@ -89,13 +99,20 @@ def lay_out(volume: Path, tmp_path: Path, **env: str) -> None:
     no_lock.mkdir(exist_ok=True)
     proc = run_bootstrap(
         ["run", "--until", "env"],
-        base_environ(BOOTSTRAP_VOLUME=str(volume), BOOTSTRAP_PROJECT_DIR=str(no_lock), BOOTSTRAP_WORKER_ID="layout", **env),
+        base_environ(
+            BOOTSTRAP_VOLUME=str(volume),
+            BOOTSTRAP_PROJECT_DIR=str(no_lock),
+            BOOTSTRAP_WORKER_ID="layout",
+            **env,
+        ),
     )
     assert proc.returncode == 12, proc.stdout + proc.stderr  # no uv.lock: ENV, after preflight laid out
     assert (volume / ".bootstrap" / "envs").is_dir()
 
 
-def write_manifest(path: Path, source: str, dest: str = "demo/model.onnx", capability: str = "faceswap") -> Path:
+def write_manifest(
+    path: Path, source: str, dest: str = "demo/model.onnx", capability: str = "faceswap"
+) -> Path:
     path.write_text(
         textwrap.dedent(
             f"""\
@@ -240,8 +257,7 @@ def test_pod_at_workspace(tmp_path: Path) -> None:
     try:
         env = base_environ(RUNPOD_POD_ID="pod123", BOOTSTRAP_EXTRAS="", BOOTSTRAP_MIN_FREE_GB="0.001")
         script = (
-            "mount -t tmpfs -o size=64m tmpfs /workspace && "
-            f"{sys.executable} -m bootstrap diagnose --json"
+            f"mount -t tmpfs -o size=64m tmpfs /workspace && {sys.executable} -m bootstrap diagnose --json"
         )
         proc = subprocess.run(
             ["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
@@ -476,7 +492,9 @@ def faceswap_volume(volume: Path, env_volume_factory: Any) -> Path:
     return env_volume_factory(volume, ("faceswap",))  # type: ignore[no-any-return]
 
 
-def boot_missing_model(volume: Path, tmp_path: Path, **extra: str) -> tuple[dict[str, str], subprocess.CompletedProcess[str]]:
+def boot_missing_model(
+    volume: Path, tmp_path: Path, **extra: str
+) -> tuple[dict[str, str], subprocess.CompletedProcess[str]]:
     manifest = write_manifest(tmp_path / "models.toml", f"file://{tmp_path}/nowhere/model.onnx")
     env = base_environ(
         BOOTSTRAP_VOLUME=str(volume), BOOTSTRAP_EXTRAS="faceswap", BOOTSTRAP_MANIFEST=str(manifest),
@@ -491,7 +509,9 @@ def boot_missing_model(volume: Path, tmp_path: Path, **extra: str) -> tuple[dict
 def test_missing_required_model(faceswap_volume: Path, tmp_path: Path) -> None:
     env, _proc = boot_missing_model(faceswap_volume, tmp_path)
     rc, text, report = diagnose(env)
-    c = assert_broken(rc, text, report, "weights", "demo/model.onnx", "bootstrap prepare", "BOOTSTRAP_OPTIONAL")
+    c = assert_broken(
+        rc, text, report, "weights", "demo/model.onnx", "bootstrap prepare", "BOOTSTRAP_OPTIONAL"
+    )
     assert "required by faceswap" in c["detail"]
     # Optional instead: degraded, exit 0 as far as weights go.
     _rc, _text, report = diagnose({**env, "BOOTSTRAP_OPTIONAL": "faceswap"})
@@ -512,9 +532,13 @@ def test_quarantined_model(faceswap_volume: Path, tmp_path: Path) -> None:
     proc = run_bootstrap(["run"], env, timeout=600)
     assert proc.returncode == 13, proc.stdout[-3000:] + proc.stderr[-3000:]
     quarantine = faceswap_volume / ".bootstrap" / "quarantine"
-    assert [p for p in quarantine.iterdir() if not p.name.endswith(".json")], "the product quarantined nothing"
+    assert [p for p in quarantine.iterdir() if not p.name.endswith(".json")], (
+        "the product quarantined nothing"
+    )
     rc, text, report = diagnose(env)
-    c = assert_broken(rc, text, report, "weights", "demo/model.onnx", "failed verification", "BOOTSTRAP_MIRROR")
+    c = assert_broken(
+        rc, text, report, "weights", "demo/model.onnx", "failed verification", "BOOTSTRAP_MIRROR"
+    )
     assert "quarantined copy: " + str(quarantine) in c["detail"]
     assert "html" in c["detail"].lower()
     assert "1 file(s)" in check(report, "weights", "quarantine")["detail"]
