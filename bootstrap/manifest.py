@@ -81,6 +81,7 @@ def parse_manifest(text: str, *, origin: str = "models.toml") -> list[ModelFile]
                 f"{origin}: {dest}: source {source!r} is not hf://, https://, s3:// or file://",
                 hint="give the file's real source URL",
             )
+        _check_source(source, dest, origin)
         size = raw.get("size", 0)
         if not isinstance(size, int) or isinstance(size, bool) or size < 0:
             raise ConfigError(
@@ -126,7 +127,40 @@ def parse_manifest(text: str, *, origin: str = "models.toml") -> list[ModelFile]
     return files
 
 
+_HEX40 = re.compile(r"[0-9a-f]{40}")
+
+
+def _check_source(source: str, dest: str, origin: str) -> None:
+    """The source's shape: hf:// pinned to a commit, s3://bucket/key, https (http on loopback only)."""
+    parts = urlsplit(source)
+    if parts.scheme == "hf":
+        segments = [s for s in (parts.netloc + parts.path).split("/") if s]
+        if segments and segments[0] in ("datasets", "spaces"):
+            segments = segments[1:]
+        query = dict(p.split("=", 1) for p in parts.query.split("&") if "=" in p)
+        if len(segments) < 3 or not _HEX40.fullmatch(query.get("revision", "")):
+            raise ConfigError(
+                f"{origin}: {dest}: source {source!r} must be hf://ORG/REPO/PATH?revision=<40-hex commit>",
+                hint="pin the Hub file to a commit (the repo's 'History' page gives it), so every boot gets the same bytes",
+            )
+    elif parts.scheme == "s3":
+        if not parts.netloc or not parts.path.strip("/"):
+            raise ConfigError(f"{origin}: {dest}: source {source!r} is not s3://BUCKET/KEY", hint="e.g. s3://my-bucket/models/x.onnx")
+    elif parts.scheme in ("http", "https"):
+        host = parts.hostname or ""
+        if not host:
+            raise ConfigError(f"{origin}: {dest}: source {source!r} has no host", hint="give a full https:// URL")
+        if parts.scheme == "http" and host != "localhost" and not host.startswith("127.") and host != "::1":
+            raise ConfigError(
+                f"{origin}: {dest}: source {source!r} is plain http://",
+                hint="use https:// (plain http is only accepted on loopback, for tests)",
+            )
+    elif parts.scheme == "file" and not parts.path.startswith("/"):
+        raise ConfigError(f"{origin}: {dest}: source {source!r} needs an absolute path", hint="file:///abs/path")
+
+
 def load_manifest(path: Path) -> list[ModelFile]:
+    """Read and `parse_manifest` the file at ``path``; a missing file is a CONFIG error."""
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:

@@ -102,9 +102,9 @@ def write_record(volume: Volume, dest: str, record: dict[str, Any]) -> Path:
 
 
 def quarantine(volume: Volume, path: Path, dest: str, reason: str, **facts: Any) -> Path:
-    """Move a bad file or directory to ``quarantine/`` with a ``.reason.json`` beside it.
+    """Move a bad file or directory to ``quarantine/`` with its reason beside it.
 
-    Names are ``<dest with / as __>.<UTC stamp>.<8 hex>``, so gc can sort by age and diagnose
+    Names are ``<dest with / as __>.<UTC stamp>.<8 hex>``, with the reason in ``<name>.json`` beside it, so gc can sort by age and diagnose
     can match them to their manifest entry.
     """
     volume.quarantine.mkdir(parents=True, exist_ok=True)
@@ -121,7 +121,7 @@ def quarantine(volume: Volume, path: Path, dest: str, reason: str, **facts: Any)
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
         target = volume.quarantine / f"{name}.discarded"
-    reason_path = volume.quarantine / f"{name}.reason.json"
+    reason_path = volume.quarantine / f"{name}.json"
     with contextlib.suppress(OSError):
         reason_path.write_text(
             json.dumps({"dest": dest, "reason": reason, "at": stamp, **facts}, indent=2), encoding="utf-8"

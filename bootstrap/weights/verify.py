@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import stat
 import zipfile
+import zlib
 from pathlib import Path, PurePosixPath
 from typing import IO
 
@@ -294,7 +295,7 @@ def zip_members(path: Path) -> list[zipfile.ZipInfo]:
             raise BadFile("zip: the archive holds no files")
         try:
             bad = zf.testzip()
-        except (zipfile.BadZipFile, OSError, EOFError, ValueError) as err:
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError, zlib.error) as err:
             raise BadFile(f"zip: {err}") from None
         if bad is not None:
             raise BadFile(f"zip: member {bad!r} fails its CRC check")
