@@ -209,10 +209,11 @@ def _check_files(ctx: LoadContext) -> tuple[Path, Path]:
 
 
 def _warmup_image() -> np.ndarray:
-    """A 480×640 picture with one bright 'face' on a dark, slightly noisy background."""
+    """A 1024×1280 picture with one bright 'face' on a dark, slightly noisy background: large
+    enough that the buffers of a typical job's paste-back are already mapped."""
     rng = np.random.default_rng(0)
-    img = rng.integers(0, 40, size=(480, 640, 3), dtype=np.uint8)
-    img[160:320, 240:400] = (90, 170, 230)
+    img = rng.integers(0, 40, size=(1024, 1280, 3), dtype=np.uint8)
+    img[384:640, 512:768] = (90, 170, 230)
     return img
 
 
@@ -274,7 +275,8 @@ class FaceSwap:
         self.detector = self.app.det_model
         self.recognizer = self.app.models["recognition"]
         self._device = self._check_device(available)
-        self.warm_up()
+        if ctx.extra.get("warm_up", True):  # off only for the benchmark's cold baseline
+            self.warm_up()
 
     # -- device ------------------------------------------------------------------------------
 
@@ -313,7 +315,9 @@ class FaceSwap:
         self._detect(img)  # the detector's fixed-size session is built on first use
         face = _template_face(img)
         self.recognizer.get(img, face)
-        out = self.swapper.get(img, face, face, paste_back=True)
+        out = img
+        for _ in range(2):  # the second pass runs on buffers the first one mapped
+            out = self.swapper.get(out, face, face, paste_back=True)
         for fmt in ("png", "jpeg", "webp"):
             data = wio.encode_image(out[:64, :64], None, fmt)
             wio.decode_image(data, max_pixels=10**6, max_side=32, what="warm-up")
