@@ -778,7 +778,12 @@ def chart(report: Mapping[str, Any], path: Path) -> Path:
     ax.set_xlabel("seconds from container start to the first job's answer")
     ax.grid(axis="x", alpha=0.3)
     ax.set_axisbelow(True)
-    ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=len(SEGMENTS), fontsize=8, frameon=False)
+    if scenarios:
+        ax.legend(
+            loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=len(SEGMENTS), fontsize=8, frameon=False
+        )
+    else:
+        ax.text(0.5, 0.5, "no boot succeeded", transform=ax.transAxes, ha="center", va="center")
     machine, config = report["machine"], report["config"]
     extras = ",".join(config["extras"]) or "base only"
     fig.suptitle(
