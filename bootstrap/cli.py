@@ -50,6 +50,12 @@ def _cmd_timing(args: argparse.Namespace, settings: Settings) -> int:
     return run_timing(settings, options_from_args(args))
 
 
+def _cmd_gc(args: argparse.Namespace, settings: Settings) -> int:
+    from bootstrap.gc import run_gc
+
+    return run_gc(settings, dry_run=args.dry_run, models=args.models, out=sys.stdout)
+
+
 def explain_text(code: errors.ExitCode) -> str:
     return f"exit code {code.code} ({code.name}): {code.meaning}\nwhat to do: {code.todo}"
 
@@ -106,6 +112,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("explain", help="what an exit code means and what to do")
     p.add_argument("code", help="a number (13) or a name (WEIGHTS)")
     p.set_defaults(func=_cmd_explain)
+
+    p = sub.add_parser("gc", help="remove unused envs, dead builders' leftovers, old quarantine")
+    p.add_argument("--dry-run", action="store_true", help="list what would go and how much, remove nothing")
+    p.add_argument("--models", action="store_true", help="also verified model files the manifest does not list")
+    p.set_defaults(func=_cmd_gc)
 
     p = sub.add_parser("timing", help="time real boots per phase: cold, warm, concurrent N, recover, baseline")
     p.add_argument("scenario", nargs="+", metavar="SCENARIO", help="cold | warm | concurrent N | recover | baseline")

@@ -1,17 +1,25 @@
-"""The env's import smoke test: run with the new environment's Python before it is published.
+"""The env's import smoke test: run with the NEW environment's Python before it is published.
 
-``python -m worker.smoke CAP…`` imports the base modules, then each capability's modules and
-pipeline module, and prints one JSON object: ``{"base": null | error, "capabilities": {cap:
-null | error}}``. A missing system library (libGL) or module shows up here, at build time,
-not at the first job (FAILURES F4, F5).
+``python -m worker.smoke [--project DIR] CAP…`` imports the base modules, then each capability's
+modules (and its pipeline module, when one is registered), and prints one JSON line:
+``{"base": null | error, "capabilities": {cap: null | error}}``. A missing system library
+(libGL) or module shows up here, at build time, not at the first job (FAILURES F4, F5).
+
+Module lists come from the project's ``pyproject.toml`` ``[tool.bootstrap.smoke]`` table when it
+has one (``base = [...]`` and one list per capability), else from the worker's capability
+registry (`worker.capabilities`). Standard library only until the imports under test.
 """
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import json
 import sys
+import tomllib
 import traceback
+from pathlib import Path
+from typing import Any
 
 from worker import pipelines  # noqa: F401 - registers the capabilities
 from worker.capabilities import BASE_MODULES, CAPABILITIES
@@ -21,22 +29,53 @@ def _try(modules: list[str]) -> str | None:
     for name in modules:
         try:
             importlib.import_module(name)
-        except BaseException as err:
+        except BaseException as err:  # a missing .so raises OSError, a bad wheel anything at all
             last = traceback.format_exception_only(type(err), err)[-1].strip()
             return f"import {name}: {last}"
     return None
 
 
-def main(argv: list[str]) -> int:
-    result: dict[str, object] = {"base": _try(list(BASE_MODULES)), "capabilities": {}}
-    caps: dict[str, str | None] = {}
-    for cap in argv:
+def smoke_table(project: Path | None) -> dict[str, Any] | None:
+    """``[tool.bootstrap.smoke]`` of ``project/pyproject.toml``, or None."""
+    if project is None:
+        return None
+    try:
+        data = tomllib.loads((project / "pyproject.toml").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    table = data.get("tool", {}).get("bootstrap", {}).get("smoke")
+    return table if isinstance(table, dict) else None
+
+
+def plan_imports(caps: list[str], project: Path | None) -> tuple[list[str], dict[str, list[str] | str]]:
+    """Base modules and, per capability, its modules (or an error string when it has none)."""
+    table = smoke_table(project)
+    base = [str(m) for m in table.get("base", [])] if table is not None else list(BASE_MODULES)
+    out: dict[str, list[str] | str] = {}
+    for cap in caps:
         spec = CAPABILITIES.get(cap)
-        if spec is None:
-            caps[cap] = f"no pipeline is registered for capability {cap!r}"
+        listed = table.get(cap) if table is not None else None
+        if listed is None and spec is None:
+            out[cap] = f"no pipeline is registered for capability {cap!r}"
             continue
-        caps[cap] = _try([*spec.modules, spec.pipeline])
-    result["capabilities"] = caps
+        modules = [str(m) for m in (listed or [])]
+        if spec is not None:
+            modules += [*spec.modules, spec.pipeline]
+        out[cap] = modules
+    return base, out
+
+
+def main(argv: list[str]) -> int:
+    """Import everything, print the JSON line; exit 0 only when all imports worked."""
+    parser = argparse.ArgumentParser(prog="python -m worker.smoke")
+    parser.add_argument("--project", type=Path, default=None)
+    parser.add_argument("caps", nargs="*")
+    args = parser.parse_args(argv)
+    base, plans = plan_imports(list(args.caps), args.project)
+    caps: dict[str, str | None] = {}
+    result: dict[str, object] = {"base": _try(base), "capabilities": caps}
+    for cap, modules in plans.items():
+        caps[cap] = modules if isinstance(modules, str) else _try(modules)
     print(json.dumps(result))
     return 0 if result["base"] is None and all(v is None for v in caps.values()) else 1
 
