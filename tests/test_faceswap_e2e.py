@@ -68,14 +68,15 @@ def test_faces_swapped_through_the_local_api(tmp_path: Path, volume: Path) -> No
     tgt_url = images.add(
         "/target.jpg", encode(target, "JPEG", quality=95), headers={"Content-Type": "image/jpeg"}
     )
+    tgt_png = images.add("/target.png", encode(target))
     dark_url = images.add("/dark.png", encode(picture(200, 200, [])))
     worker = _boot(tmp_path, volume, "fs1")
     try:
         worker.wait_ready(timeout=600)
-        status, every = worker.runsync({"source_url": src_url, "target_url": tgt_url})
-        _, second = worker.runsync(
-            {"source_url": src_url, "target_url": tgt_url, "target_index": 2, "output_format": "webp"}
+        status, every = worker.runsync(
+            {"source_url": src_url, "target_url": tgt_url, "output_format": "webp"}
         )
+        _, second = worker.runsync({"source_url": src_url, "target_url": tgt_png, "target_index": 2})
         _, no_face = worker.runsync({"source_url": src_url, "target_url": dark_url})
         _, refused = worker.runsync({"source_url": "file:///etc/passwd", "target_url": tgt_url})
         _, health = worker.runsync({"task": "health"})
@@ -90,14 +91,14 @@ def test_faces_swapped_through_the_local_api(tmp_path: Path, volume: Path) -> No
     assert out["success"] is True
     assert out["faces"] == {"source": 1, "target": 3} and out["swapped"] == 3
     assert set(out["ms"]) == {"fetch", "decode", "detect", "swap", "encode"}
-    result = np.asarray(Image.open(io.BytesIO(base64.b64decode(out["image_base64"]))).convert("RGB"))
-    assert result.shape == target.shape
+    img = Image.open(io.BytesIO(base64.b64decode(out["image_base64"])))
+    assert img.format == "WEBP" and img.size == (500, 300)
 
     out = second["output"]
     assert out["swapped"] == 1
     img = Image.open(io.BytesIO(base64.b64decode(out["image_base64"])))
-    assert img.format == "WEBP"
-    diff = np.abs(np.asarray(img.convert("RGB")).astype(int) - target.astype(int)).sum(axis=2) > 40
+    assert img.format == "PNG"
+    diff = np.abs(np.asarray(img.convert("RGB")).astype(int) - target.astype(int)).sum(axis=2) > 30
     xs = np.nonzero(diff.any(axis=0))[0]
     assert xs.min() >= 180 and xs.max() <= 320, (xs.min(), xs.max())  # only the middle face
 
