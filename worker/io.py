@@ -221,7 +221,7 @@ def _read_limited(resp: http.client.HTTPResponse, policy: FetchPolicy, deadline:
         if time.monotonic() > deadline:
             raise JobError("FETCH_FAILED", f"fetching {_shown(url)} took longer than {policy.timeout_s:g} s")
         try:
-            chunk = resp.read1(min(65536, policy.max_bytes + 1 - total))  # type: ignore[attr-defined]
+            chunk = resp.read1(min(65536, policy.max_bytes + 1 - total))
         except (OSError, http.client.HTTPException) as err:
             raise JobError(
                 "FETCH_FAILED", f"reading {_shown(url)} failed: {type(err).__name__}: {err}"
@@ -289,6 +289,7 @@ def decode_image(data: bytes, *, max_pixels: int, max_side: int | None, what: st
     4. to RGB: palette/grayscale/16-bit/CMYK converted, alpha kept aside and composited on
        mid-grey for the models; then scale down to ``max_side``.
     """
+    img: Image.Image
     try:
         img = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, struct.error, EOFError) as err:

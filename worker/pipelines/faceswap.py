@@ -348,10 +348,10 @@ class FaceSwap:
             src_bytes = self._bytes(req.source)
             dst_bytes = self._bytes(req.target)
         with t.stage("decode"):
-            limits = {"max_pixels": self.settings.worker_max_pixels, "max_side": req.max_side}
-            src = wio.decode_image(src_bytes, what="the source image", **limits)
+            pixels, side = self.settings.worker_max_pixels, req.max_side
+            src = wio.decode_image(src_bytes, max_pixels=pixels, max_side=side, what="the source image")
             del src_bytes
-            dst = wio.decode_image(dst_bytes, what="the target image", **limits)
+            dst = wio.decode_image(dst_bytes, max_pixels=pixels, max_side=side, what="the target image")
             del dst_bytes
         with t.stage("detect"), _model_errors():
             src_faces = self._detect(src.bgr)
