@@ -145,18 +145,25 @@ def _check_source(source: str, dest: str, origin: str) -> None:
             )
     elif parts.scheme == "s3":
         if not parts.netloc or not parts.path.strip("/"):
-            raise ConfigError(f"{origin}: {dest}: source {source!r} is not s3://BUCKET/KEY", hint="e.g. s3://my-bucket/models/x.onnx")
+            raise ConfigError(
+                f"{origin}: {dest}: source {source!r} is not s3://BUCKET/KEY",
+                hint="e.g. s3://my-bucket/models/x.onnx",
+            )
     elif parts.scheme in ("http", "https"):
         host = parts.hostname or ""
         if not host:
-            raise ConfigError(f"{origin}: {dest}: source {source!r} has no host", hint="give a full https:// URL")
+            raise ConfigError(
+                f"{origin}: {dest}: source {source!r} has no host", hint="give a full https:// URL"
+            )
         if parts.scheme == "http" and host != "localhost" and not host.startswith("127.") and host != "::1":
             raise ConfigError(
                 f"{origin}: {dest}: source {source!r} is plain http://",
                 hint="use https:// (plain http is only accepted on loopback, for tests)",
             )
     elif parts.scheme == "file" and not parts.path.startswith("/"):
-        raise ConfigError(f"{origin}: {dest}: source {source!r} needs an absolute path", hint="file:///abs/path")
+        raise ConfigError(
+            f"{origin}: {dest}: source {source!r} needs an absolute path", hint="file:///abs/path"
+        )
 
 
 def load_manifest(path: Path) -> list[ModelFile]:

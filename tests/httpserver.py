@@ -120,7 +120,15 @@ class _Handler(BaseHTTPRequestHandler):
     def _record(self, path: str, status: int, sent: int, fault: Fault | None) -> None:
         with self.state.lock:
             self.state.log.append(
-                Request(self.command, path, status, self.headers.get("Range"), sent, self.conn_id, fault.kind if fault else None)
+                Request(
+                    self.command,
+                    path,
+                    status,
+                    self.headers.get("Range"),
+                    sent,
+                    self.conn_id,
+                    fault.kind if fault else None,
+                )
             )
 
     def _sha(self, file: Path) -> str:
@@ -138,7 +146,9 @@ class _Handler(BaseHTTPRequestHandler):
             self.state.sha_cache[key] = h.hexdigest()
         return h.hexdigest()
 
-    def _plain(self, path: str, status: int, body: bytes, fault: Fault | None, headers: dict[str, str] | None = None) -> None:
+    def _plain(
+        self, path: str, status: int, body: bytes, fault: Fault | None, headers: dict[str, str] | None = None
+    ) -> None:
         self.send_response(status)
         for k, v in (headers or {}).items():
             self.send_header(k, v)
@@ -159,7 +169,7 @@ class _Handler(BaseHTTPRequestHandler):
         raw_path = unquote(urlsplit(self.path).path)
         hf = _HF.match(raw_path) if self.state.hf else None
         if hf:
-            kind, org, repo, rev, rel = hf.groups()
+            _kind, org, repo, rev, rel = hf.groups()
             logical = f"{org}/{repo}/{rel}"
             fault = self._take_fault(logical, ("status", "bad_etag"))
             if fault and fault.kind == "status":
@@ -189,8 +199,10 @@ class _Handler(BaseHTTPRequestHandler):
             return self._status_fault(rel, fault)
         file = (self.state.root / rel).resolve()
         if self.state.root.resolve() not in file.parents or not file.is_file():
-            return self._plain(rel, 404, b"not found", fault)
-        return self._file(rel, file, fault)
+            self._plain(rel, 404, b"not found", fault)
+        else:
+            self._file(rel, file, fault)
+        return None
 
     def _status_fault(self, path: str, fault: Fault) -> None:
         headers = {"Retry-After": fault.retry_after} if fault.retry_after else {}
@@ -219,7 +231,8 @@ class _Handler(BaseHTTPRequestHandler):
                 else:
                     start = max(0, size - int(m.group(2)))
                 if start >= size or start > end:
-                    return self._plain(rel, 416, b"", fault, {"Content-Range": f"bytes */{size}"})
+                    self._plain(rel, 416, b"", fault, {"Content-Range": f"bytes */{size}"})
+                    return
                 status = 206
         length = end - start + 1
         self.send_response(status)
@@ -231,7 +244,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(announced))
         self.end_headers()
         if self.command == "HEAD":
-            return self._record(rel, status, 0, fault)
+            self._record(rel, status, 0, fault)
+            return
         limit = length
         close_after = False
         if fault and fault.kind == "cut":
@@ -310,7 +324,9 @@ class FaultServer:
         return self.state.root
 
     def start(self) -> FaultServer:
-        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self.thread = threading.Thread(
+            target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
         self.thread.start()
         return self
 
@@ -344,7 +360,11 @@ class FaultServer:
     def requests(self, path: str | None = None, method: str | None = None) -> list[Request]:
         with self.state.lock:
             rows = list(self.state.log)
-        return [r for r in rows if (path is None or r.path == path.lstrip("/")) and (method is None or r.method == method)]
+        return [
+            r
+            for r in rows
+            if (path is None or r.path == path.lstrip("/")) and (method is None or r.method == method)
+        ]
 
     def bytes_sent(self, path: str | None = None) -> int:
         """Body bytes actually written to sockets (for ``path``, or all)."""

@@ -42,11 +42,19 @@ def test_real_manifest_names_the_face_swap_files() -> None:
 
 
 def test_good_entries_parse() -> None:
-    text = entry() + entry(
-        dest="b.zip", source="s3://bucket/key/b.zip", format="zip", unpack="b", capability="other"
-    ) + entry(dest="c.bin", source="file:///srv/c.bin", format="raw") + entry(
-        dest="d.st", source="https://example.com/d.safetensors", format="safetensors", size=10, sha256="a" * 64
-    ) + entry(dest="e.bin", source="http://127.0.0.1:8080/e.bin", format="raw")
+    text = (
+        entry()
+        + entry(dest="b.zip", source="s3://bucket/key/b.zip", format="zip", unpack="b", capability="other")
+        + entry(dest="c.bin", source="file:///srv/c.bin", format="raw")
+        + entry(
+            dest="d.st",
+            source="https://example.com/d.safetensors",
+            format="safetensors",
+            size=10,
+            sha256="a" * 64,
+        )
+        + entry(dest="e.bin", source="http://127.0.0.1:8080/e.bin", format="raw")
+    )
     files = parse_manifest(text)
     assert [f.published_dest for f in files] == ["a/m.onnx", "b", "c.bin", "d.st", "e.bin"]
     assert files[3].size == 10 and files[3].sha256 == "a" * 64

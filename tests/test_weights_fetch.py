@@ -45,7 +45,13 @@ PIN = "4dccd71e17017ccad11b92171f5f24aa408a1407"
 
 
 def entry(dest: str, source: str, fmt: str = "onnx", capability: str = "t", **kw: Any) -> str:
-    lines = ["[[file]]", f'dest = "{dest}"', f'source = "{source}"', f'format = "{fmt}"', f'capability = "{capability}"']
+    lines = [
+        "[[file]]",
+        f'dest = "{dest}"',
+        f'source = "{source}"',
+        f'format = "{fmt}"',
+        f'capability = "{capability}"',
+    ]
     lines += [f"{k} = {json.dumps(v)}" for k, v in kw.items()]
     return "\n".join(lines) + "\n"
 
@@ -104,7 +110,7 @@ class Boot:
 
     def leftovers(self) -> list[Path]:
         """Anything under models/ that is not a published file or record."""
-        return [p for p in self.models.rglob("*") if ".part" in p.name or ".unpack" in p.name or p.name.endswith(".tmp")]
+        return [p for p in self.models.rglob("*") if p.name.endswith((".part", ".unpack", ".tmp", ".new"))]
 
 
 @pytest.fixture
@@ -135,7 +141,9 @@ def assert_nothing_published(boot: Boot, dest: str = "m/m.onnx") -> None:
 # -- good paths --------------------------------------------------------------------------------
 
 
-def test_fetch_publishes_verified_file_and_warm_boot_makes_no_request(tmp_path: Path, server: FaultServer) -> None:
+def test_fetch_publishes_verified_file_and_warm_boot_makes_no_request(
+    tmp_path: Path, server: FaultServer
+) -> None:
     boot = Boot(tmp_path, entry("m/m.onnx", f"{server.url}/m.onnx"))
     plan, detail = boot.run()
     rec = assert_published(boot)
@@ -193,7 +201,9 @@ def test_progress_events(tmp_path: Path, server: FaultServer) -> None:
         ("wrong_length", {"delta": -100, "times": 2, "methods": ("GET",)}),
     ],
 )
-def test_transient_faults_are_survived(tmp_path: Path, server: FaultServer, kind: str, kw: dict[str, Any]) -> None:
+def test_transient_faults_are_survived(
+    tmp_path: Path, server: FaultServer, kind: str, kw: dict[str, Any]
+) -> None:
     fault = server.fault("m.onnx", kind, **kw)
     boot = Boot(tmp_path, entry("m/m.onnx", f"{server.url}/m.onnx"))
     boot.run()
@@ -219,7 +229,9 @@ def test_retry_after_delays_the_next_request(tmp_path: Path, server: FaultServer
 
 
 @pytest.mark.parametrize("kind", ["lfs_pointer", "html", "json_error", "gzip"])
-def test_bad_content_is_quarantined_and_required_failure_exits_13(tmp_path: Path, server: FaultServer, kind: str) -> None:
+def test_bad_content_is_quarantined_and_required_failure_exits_13(
+    tmp_path: Path, server: FaultServer, kind: str
+) -> None:
     server.fault("m.onnx", kind)
     boot = Boot(tmp_path, entry("m/m.onnx", f"{server.url}/m.onnx"))
     with pytest.raises(BootstrapError) as info:
@@ -265,7 +277,9 @@ def test_mirror_is_used_first(tmp_path: Path, server: FaultServer) -> None:
         ("status", {"status": 503}),
     ],
 )
-def test_permanent_faults_fail_without_publishing(tmp_path: Path, server: FaultServer, kind: str, kw: dict[str, Any]) -> None:
+def test_permanent_faults_fail_without_publishing(
+    tmp_path: Path, server: FaultServer, kind: str, kw: dict[str, Any]
+) -> None:
     server.fault("m.onnx", kind, **kw)
     boot = Boot(tmp_path, entry("m/m.onnx", f"{server.url}/m.onnx"))
     with pytest.raises(BootstrapError) as info:
@@ -294,7 +308,8 @@ def test_optional_capability_degrades(tmp_path: Path, server: FaultServer) -> No
     (server.root / "ok.onnx").write_bytes(MODEL)
     boot = Boot(
         tmp_path,
-        entry("m/m.onnx", f"{server.url}/m.onnx", capability="opt") + entry("ok.onnx", f"{server.url}/ok.onnx"),
+        entry("m/m.onnx", f"{server.url}/m.onnx", capability="opt")
+        + entry("ok.onnx", f"{server.url}/ok.onnx"),
         extras="t,opt",
         BOOTSTRAP_OPTIONAL="opt",
     )
@@ -309,7 +324,9 @@ def test_optional_capability_degrades(tmp_path: Path, server: FaultServer) -> No
 # -- the volume as it is found -----------------------------------------------------------------
 
 
-def test_corrupted_published_file_is_quarantined_and_fetched_again(tmp_path: Path, server: FaultServer) -> None:
+def test_corrupted_published_file_is_quarantined_and_fetched_again(
+    tmp_path: Path, server: FaultServer
+) -> None:
     boot = Boot(tmp_path, entry("m/m.onnx", f"{server.url}/m.onnx"))
     boot.run()
     path = boot.models / "m/m.onnx"
@@ -317,7 +334,9 @@ def test_corrupted_published_file_is_quarantined_and_fetched_again(tmp_path: Pat
     from bootstrap.manifest import load_manifest
 
     (f,) = load_manifest(boot.manifest)
-    assert "sniff" in (check_verified(boot.volume, f) or "") or "bytes" in (check_verified(boot.volume, f) or "")
+    assert "sniff" in (check_verified(boot.volume, f) or "") or "bytes" in (
+        check_verified(boot.volume, f) or ""
+    )
     boot.run()
     assert_published(boot)
     assert len(boot.quarantined()) == 1
@@ -337,7 +356,15 @@ def test_bad_journal_is_caught_by_the_whole_file_check(tmp_path: Path, server: F
     part = boot.models / "m" / ".m.onnx.deadbeef0000.part"
     part.mkdir(parents=True)
     (part / "data").write_bytes(b"\0" * (len(MODEL) // 2))
-    header = {"v": 1, "size": len(MODEL), "sha256": SHA, "etag": None, "source": "x", "host": "elsewhere", "pid": 1}
+    header = {
+        "v": 1,
+        "size": len(MODEL),
+        "sha256": SHA,
+        "etag": None,
+        "source": "x",
+        "host": "elsewhere",
+        "pid": 1,
+    }
     write_journal(part / "journal", header, [(0, len(MODEL) // 2)])
     boot.run()
     assert_published(boot)
@@ -351,7 +378,15 @@ def test_interrupted_download_is_resumed_from_its_journal(tmp_path: Path, server
     part.mkdir(parents=True)
     half = len(MODEL) // 2
     (part / "data").write_bytes(MODEL[:half])
-    header = {"v": 1, "size": len(MODEL), "sha256": SHA, "etag": None, "source": "x", "host": "elsewhere", "pid": 1}
+    header = {
+        "v": 1,
+        "size": len(MODEL),
+        "sha256": SHA,
+        "etag": None,
+        "source": "x",
+        "host": "elsewhere",
+        "pid": 1,
+    }
     write_journal(part / "journal", header, [(0, half)])
     _, detail = boot.run()
     assert_published(boot)
@@ -417,7 +452,9 @@ def test_file_source_and_directory_mirror(tmp_path: Path) -> None:
     (mirror / "n").mkdir(parents=True)
     (mirror / "n" / "n.onnx").write_bytes(MODEL)
     (tmp_path / "b2").mkdir()
-    boot2 = Boot(tmp_path / "b2", entry("n/n.onnx", "file:///nonexistent/n.onnx"), BOOTSTRAP_MIRROR=str(mirror))
+    boot2 = Boot(
+        tmp_path / "b2", entry("n/n.onnx", "file:///nonexistent/n.onnx"), BOOTSTRAP_MIRROR=str(mirror)
+    )
     boot2.run()
     assert_published(boot2, "n/n.onnx")
 
@@ -433,7 +470,12 @@ def test_zip_is_unpacked_verified_and_not_kept(tmp_path: Path, server: FaultServ
     (server.root / "buffalo_l.zip").write_bytes(zip_bytes(BUFFALO))
     boot = Boot(
         tmp_path,
-        entry("insightface/models/buffalo_l.zip", f"{server.url}/buffalo_l.zip", fmt="zip", unpack="insightface/models/buffalo_l"),
+        entry(
+            "insightface/models/buffalo_l.zip",
+            f"{server.url}/buffalo_l.zip",
+            fmt="zip",
+            unpack="insightface/models/buffalo_l",
+        ),
     )
     plan, _ = boot.run()
     target = boot.models / "insightface/models/buffalo_l"
@@ -490,7 +532,9 @@ def moto_s3() -> Iterator[str]:
     if not exe.exists():
         pytest.skip("moto_server is not installed")
     port = free_port()
-    proc = subprocess.Popen([str(exe), "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [str(exe), "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         import urllib.request
@@ -498,7 +542,7 @@ def moto_s3() -> Iterator[str]:
         deadline = time.monotonic() + 30
         while True:
             try:
-                urllib.request.urlopen(url, timeout=1).read()  # noqa: S310 - loopback
+                urllib.request.urlopen(url, timeout=1).read()
                 break
             except OSError:
                 if time.monotonic() > deadline or proc.poll() is not None:
@@ -511,13 +555,24 @@ def moto_s3() -> Iterator[str]:
 
 
 def s3_env(url: str) -> dict[str, str]:
-    return {"AWS_ENDPOINT_URL": url, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing-secret", "AWS_DEFAULT_REGION": "us-east-1"}
+    return {
+        "AWS_ENDPOINT_URL": url,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing-secret",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
 
 
 def s3_put(url: str, bucket: str, key: str, data: bytes) -> None:
     import boto3
 
-    s3 = boto3.client("s3", endpoint_url=url, aws_access_key_id="testing", aws_secret_access_key="testing-secret", region_name="us-east-1")
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=url,
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing-secret",
+        region_name="us-east-1",
+    )
     existing = [b["Name"] for b in s3.list_buckets().get("Buckets", [])]
     if bucket not in existing:
         s3.create_bucket(Bucket=bucket)
@@ -534,13 +589,23 @@ def test_s3_source(tmp_path: Path, moto_s3: str) -> None:
 
 def test_s3_mirror_first_then_fallback(tmp_path: Path, moto_s3: str, server: FaultServer) -> None:
     s3_put(moto_s3, "mirror", "pre/m/m.onnx", MODEL)
-    boot = Boot(tmp_path, entry("m/m.onnx", f"{server.url}/m.onnx"), BOOTSTRAP_MIRROR="s3://mirror/pre", **s3_env(moto_s3))
+    boot = Boot(
+        tmp_path,
+        entry("m/m.onnx", f"{server.url}/m.onnx"),
+        BOOTSTRAP_MIRROR="s3://mirror/pre",
+        **s3_env(moto_s3),
+    )
     boot.run()
     assert boot.record("m/m.onnx")["source"] == "s3://mirror/pre/m/m.onnx"
     assert server.requests() == []
     # A mirror without the file (404) falls back to the file's own source.
     (tmp_path / "x").mkdir()
-    boot2 = Boot(tmp_path / "x", entry("m/m.onnx", f"{server.url}/m.onnx"), BOOTSTRAP_MIRROR="s3://mirror/other", **s3_env(moto_s3))
+    boot2 = Boot(
+        tmp_path / "x",
+        entry("m/m.onnx", f"{server.url}/m.onnx"),
+        BOOTSTRAP_MIRROR="s3://mirror/other",
+        **s3_env(moto_s3),
+    )
     boot2.run()
     assert boot2.record("m/m.onnx")["source"] == f"{server.url}/m.onnx"
 

@@ -76,7 +76,7 @@ def test_fixture_models_parse(tmp_path: Path) -> None:
 @pytest.mark.parametrize("cut", [1, 10, 100, -1, -7])
 def test_truncated_onnx_rejected(tmp_path: Path, cut: int) -> None:
     data = onnx_bytes()
-    p = write(tmp_path, "m.onnx", data[:cut] if cut > 0 else data[:cut])
+    p = write(tmp_path, "m.onnx", data[:cut])
     with pytest.raises(BadFile):
         check_format(p, "onnx")
 
@@ -134,7 +134,10 @@ def test_safetensors_good_and_bad(tmp_path: Path) -> None:
     text = json.dumps(header).encode()
     text += b" " * (-len(text) % 8)
     with pytest.raises(BadFile):
-        check_format(write(tmp_path, "o.safetensors", struct.pack("<Q", len(text)) + text + good[8 + n :]), "safetensors")
+        check_format(
+            write(tmp_path, "o.safetensors", struct.pack("<Q", len(text)) + text + good[8 + n :]),
+            "safetensors",
+        )
 
 
 def test_zip_good(tmp_path: Path) -> None:
@@ -156,7 +159,7 @@ def test_zip_symlink_rejected(tmp_path: Path) -> None:
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as zf:
         info = zipfile.ZipInfo("link")
-        info.external_attr = (0o120777 << 16)
+        info.external_attr = 0o120777 << 16
         zf.writestr(info, "/etc/passwd")
     with pytest.raises(BadFile, match="symlink"):
         zip_members(write(tmp_path, "z.zip", buf.getvalue()))

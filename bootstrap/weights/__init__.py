@@ -13,8 +13,9 @@ Modules, in the order a file meets them:
 from __future__ import annotations
 
 from bootstrap.errors import WeightsError
-from bootstrap.weights.phase import FetchOptions, ensure_weights, lease_name
+from bootstrap.weights.phase import ensure_weights, lease_name
 from bootstrap.weights.records import check_verified, verified_record_path
+from bootstrap.weights.transfer import FetchOptions
 
 __all__ = [
     "FetchOptions",

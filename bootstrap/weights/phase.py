@@ -113,9 +113,7 @@ def ensure_weights(
     options = options or FetchOptions()
     files = selected(load_manifest(settings.manifest), settings.extras)
     progress = Progress(timeline, every_s=options.progress_every_s)
-    ctx = _Context(
-        settings, volume, timeline, options, progress, owner=f"{settings.worker_id}:{os.getpid()}"
-    )
+    ctx = _Context(settings, volume, timeline, options, progress, owner=f"{settings.worker_id}:{os.getpid()}")
     detail["files"] = len(files)
     outcomes: dict[str, FileOutcome] = {}
     failures: list[tuple[ModelFile, BaseException]] = []
@@ -150,12 +148,12 @@ def ensure_weights(
         if f.published_dest in outcomes:
             plan.models[f.published_dest] = outcomes[f.published_dest].path
     required: list[tuple[ModelFile, BaseException]] = []
-    for f, err in sorted(failures, key=lambda item: files.index(item[0])):
+    for f, failure in sorted(failures, key=lambda item: files.index(item[0])):
         if settings.is_optional(f.capability):
-            plan.degrade(f.capability, f"{f.published_dest}: {err}")
-            timeline.log(f"degraded: {f.capability}: {f.published_dest}: {err}", level="warn")
-        elif not isinstance(err, Aborted):
-            required.append((f, err))
+            plan.degrade(f.capability, f"{f.published_dest}: {failure}")
+            timeline.log(f"degraded: {f.capability}: {f.published_dest}: {failure}", level="warn")
+        elif not isinstance(failure, Aborted):
+            required.append((f, failure))
     detail["ready"] = len(plan.models)
     detail["fetched"] = sorted(d for d, o in outcomes.items() if o.fetched)
     detail["bytes_received"] = sum(o.received for o in outcomes.values())
@@ -163,12 +161,12 @@ def ensure_weights(
     if failures:
         detail["failed"] = sorted(f.published_dest for f, _ in failures)
     if required:
-        f, err = required[0]
-        if isinstance(err, BootstrapError):
-            raise err
+        f, first = required[0]
+        if isinstance(first, BootstrapError):
+            raise first
         more = f" (and {len(required) - 1} more)" if len(required) > 1 else ""
         raise WeightsError(
-            f"required model {f.published_dest} (capability {f.capability}) could not be fetched and verified: {err}{more}",
+            f"required model {f.published_dest} (capability {f.capability}) could not be fetched and verified: {first}{more}",
             hint=(
                 "check the source and its credentials (HF_TOKEN, AWS_*), or set BOOTSTRAP_MIRROR; "
                 f"add {f.capability} to BOOTSTRAP_OPTIONAL to start without it; bad copies are in "
@@ -217,6 +215,12 @@ def _ensure_one(ctx: _Context, f: ModelFile) -> FileOutcome:
             except (SourceFailed, BadFile) as err:
                 reasons.append(f"{source.label}: {err}")
                 ctx.timeline.log(f"weights: {f.dest}: {source.label} failed: {err}", level="warn")
+            except FileNotFoundError as err:
+                # Our part directory was adopted by another worker that judged us dead (possible
+                # only without locks, or after a stall past the lease TTL): it finishes the file.
+                reasons.append(f"{source.label}: {err}")
+            if done():
+                return FileOutcome(str(final), False)
         raise FileFailed("; ".join(reasons))
     finally:
         lease.release()
@@ -231,14 +235,18 @@ def _probe(ctx: _Context, source: Source) -> Probe:
             failures += 1
             if failures > ctx.options.retries:
                 raise SourceFailed(f"gave up after {failures} failures: {err}") from None
-            delay = err.retry_after if err.retry_after is not None else ctx.options.backoff_s * 2 ** (failures - 1)
+            delay = (
+                err.retry_after
+                if err.retry_after is not None
+                else ctx.options.backoff_s * 2 ** (failures - 1)
+            )
             if ctx.abort.wait(min(delay, ctx.options.max_retry_after_s)):
                 raise Aborted("stopped: another required file failed") from None
 
 
 def _from_source(ctx: _Context, f: ModelFile, source: Source, *, fresh: bool) -> FileOutcome:
     """Fetch, verify and publish ``f`` from one source; raise `SourceFailed`/`BadFile` to move on."""
-    volume, settings = ctx.volume, ctx.settings
+    volume = ctx.volume
     probe = _probe(ctx, source)
     if f.size and probe.size is not None and probe.size != f.size:
         raise SourceFailed(f"the source has {probe.size} bytes, the manifest says {f.size}")
@@ -254,7 +262,9 @@ def _from_source(ctx: _Context, f: ModelFile, source: Source, *, fresh: bool) ->
 
     # Find an interrupted download of the same bytes (and clean dead leftovers) — no writes yet
     # beyond removing leftovers, so a failed disk check leaves nothing behind.
-    adopt, ranges = (None, []) if (fresh or ident is None) else _find_partial(ctx, directory, dest_path.name, ident)
+    adopt, ranges = (
+        (None, []) if (fresh or ident is None) else _find_partial(ctx, directory, dest_path.name, ident)
+    )
     covered = covered_bytes(ranges, size) if size is not None else 0
     remaining = (size or 0) - covered
     unpack_dir = volume.models / f.unpack if f.format == "zip" else None
@@ -266,15 +276,22 @@ def _from_source(ctx: _Context, f: ModelFile, source: Source, *, fresh: bool) ->
     header = {**(ident or {}), "owner": ctx.owner, "host": socket.gethostname(), "pid": os.getpid()}
     if adopt is not None:
         try:
-            os.rename(adopt, part)  # the claim: exactly one adopter can rename it
+            adopt.rename(part)  # the claim: exactly one adopter can rename it
+            write_journal(part / "journal", header, ranges)
         except OSError:
             adopt, ranges, covered = None, [], 0
     if adopt is None:
-        part.mkdir()
+        # Born complete: the journal is written before the directory gets its .part name, so
+        # no other worker ever sees a part without its header.
+        born = directory / f".{dest_path.name}.{token}.new"
+        born.mkdir()
+        write_journal(born / "journal", header, [])
+        born.rename(part)
         ranges = []
-    write_journal(part / "journal", header, ranges)
     if covered:
-        ctx.timeline.log(f"weights: {f.dest}: resuming {source.label} with {format_bytes(covered)} already on the volume")
+        ctx.timeline.log(
+            f"weights: {f.dest}: resuming {source.label} with {format_bytes(covered)} already on the volume"
+        )
     ctx.progress.expect(remaining)
     transfer = Transfer(
         source,
@@ -288,6 +305,8 @@ def _from_source(ctx: _Context, f: ModelFile, source: Source, *, fresh: bool) ->
     )
     try:
         result = transfer.run()
+    except FileNotFoundError as err:
+        raise SourceFailed(f"the download's directory vanished (adopted by another worker?): {err}") from None
     except OSError as err:
         if err.errno in (errno.ENOSPC, errno.EDQUOT):
             raise InsufficientDiskError(
@@ -315,10 +334,19 @@ def _from_source(ctx: _Context, f: ModelFile, source: Source, *, fresh: bool) ->
             check_format(data, f.format)
     except BadFile as err:
         where = quarantine(
-            volume, data, f.dest, str(err), source=source.label, size=result.size, sha256=result.sha256, worker=ctx.owner
+            volume,
+            data,
+            f.dest,
+            str(err),
+            source=source.label,
+            size=result.size,
+            sha256=result.sha256,
+            worker=ctx.owner,
         )
         shutil.rmtree(part, ignore_errors=True)
-        ctx.timeline.log(f"weights: {f.dest} from {source.label} is bad ({err}); quarantined as {where.name}", level="warn")
+        ctx.timeline.log(
+            f"weights: {f.dest} from {source.label} is bad ({err}); quarantined as {where.name}", level="warn"
+        )
         if result.resumed and not fresh:
             # The resumed part may be what was wrong: fetch it once more from zero.
             return _from_source(ctx, f, source, fresh=True)
@@ -337,7 +365,9 @@ def _from_source(ctx: _Context, f: ModelFile, source: Source, *, fresh: bool) ->
         _publish_zip(ctx, f, part, data, members, unpack_dir, record)
     else:
         _publish_file(ctx, f, part, data, dest_path, record)
-    return FileOutcome(str(volume.models / f.published_dest), True, source.label, result.received, result.resumed)
+    return FileOutcome(
+        str(volume.models / f.published_dest), True, source.label, result.received, result.resumed
+    )
 
 
 def _find_partial(
@@ -347,6 +377,10 @@ def _find_partial(
     best: tuple[int, Path, list[tuple[int, int]]] | None = None
     if not directory.is_dir():
         return None, []
+    for born in directory.glob(f".{name}.*.new"):
+        with contextlib.suppress(OSError):
+            if not owner_alive({}, ctx.settings.lease_ttl_s, born.stat().st_mtime):
+                shutil.rmtree(born, ignore_errors=True)  # a worker died while creating it
     for part in directory.glob(f".{name}.*{PART_SUFFIX}"):
         journal = part / "journal"
         header, ranges = read_journal(journal)
@@ -355,10 +389,16 @@ def _find_partial(
         except OSError:
             mtime = 0.0
         # Holding the lease, any other part is abandoned; without locks, only a dead writer's.
-        alive = header is not None and not ctx.settings.locks and owner_alive(header, ctx.settings.lease_ttl_s, mtime)
+        alive = (
+            header is not None
+            and not ctx.settings.locks
+            and owner_alive(header, ctx.settings.lease_ttl_s, mtime)
+        )
         if header is None:
-            if mtime and owner_alive({}, ctx.settings.lease_ttl_s, mtime):
-                continue  # being created right now
+            with contextlib.suppress(OSError):
+                mtime = max(mtime, part.stat().st_mtime)
+            if owner_alive({}, ctx.settings.lease_ttl_s, mtime):
+                continue  # being written right now (or just now): not ours to judge
             shutil.rmtree(part, ignore_errors=True)
             continue
         if alive:
@@ -378,7 +418,7 @@ def _filesystem(path: Path) -> tuple[int, Path]:
     probe = path
     while not probe.exists():
         probe = probe.parent
-    return os.stat(probe).st_dev, probe
+    return probe.stat().st_dev, probe
 
 
 def _check_disk(
@@ -472,7 +512,7 @@ def _publish_zip(
         if unpack_dir.exists():
             quarantine(volume, unpack_dir, f.unpack, f"replaced: {why}", worker=ctx.owner)
         try:
-            os.rename(tmp, unpack_dir)  # one rename publishes the whole directory
+            tmp.rename(unpack_dir)  # one rename publishes the whole directory
         except OSError as err:
             if err.errno not in (errno.ENOTEMPTY, errno.EEXIST):
                 raise

@@ -93,7 +93,9 @@ def write_record(volume: Volume, dest: str, record: dict[str, Any]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     with open(tmp, "w", encoding="utf-8") as out:
-        json.dump({**record, "verified_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}, out, indent=2)
+        json.dump(
+            {**record, "verified_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}, out, indent=2
+        )
         out.flush()
         os.fsync(out.fileno())
     os.replace(tmp, path)
@@ -112,7 +114,7 @@ def quarantine(volume: Volume, path: Path, dest: str, reason: str, **facts: Any)
     name = f"{dest.replace('/', '__')}.{stamp}.{uuid.uuid4().hex[:8]}"
     target = volume.quarantine / name
     try:
-        os.rename(path, target)
+        path.rename(target)
     except OSError:
         # Another filesystem, or it vanished: never leave a bad file where it could be trusted.
         if path.is_dir():

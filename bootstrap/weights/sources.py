@@ -116,7 +116,9 @@ def _new_connection(url: str, timeout: float) -> http.client.HTTPConnection:
     parts = urlsplit(url)
     host = parts.hostname or ""
     if parts.scheme == "https":
-        return http.client.HTTPSConnection(host, parts.port, timeout=timeout, context=ssl.create_default_context())
+        return http.client.HTTPSConnection(
+            host, parts.port, timeout=timeout, context=ssl.create_default_context()
+        )
     if parts.scheme == "http" and is_loopback(host):
         return http.client.HTTPConnection(host, parts.port, timeout=timeout)
     raise SourceFailed(f"{parts.scheme}://{host}: only https:// (or http:// on loopback) is fetched")
@@ -286,11 +288,11 @@ class HTTPSource:
             etag = _clean_etag(linked_etag or resp.getheader("ETag"))
             size_text = linked_size or resp.getheader("Content-Length")
             size = int(size_text) if size_text and size_text.isdigit() else None
-            if self.hub and linked_size and resp.getheader("Content-Length", "").isdigit():
-                if int(resp.getheader("Content-Length", "0")) != size:
-                    raise SourceFailed(
-                        f"{self.label}: the Hub says {size} bytes but the file's host says {resp.getheader('Content-Length')}"
-                    )
+            host_length = resp.getheader("Content-Length", "")
+            if self.hub and linked_size and host_length.isdigit() and int(host_length) != size:
+                raise SourceFailed(
+                    f"{self.label}: the Hub says {size} bytes but the file's host says {host_length}"
+                )
             sha = etag if (self.hub and etag and _HEX64.fullmatch(etag)) else None
             self.data_url = url
             self.size = size
@@ -408,10 +410,14 @@ class S3Source:
             status = int(response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
             if status == 429 or status >= 500 or code in {"SlowDown", "Throttling", "RequestTimeout"}:
                 return Transient(f"{self.label}: {code or status}")
-            return SourceFailed(f"{self.label}: {code or status} (check the bucket, key and AWS_* credentials)")
+            return SourceFailed(
+                f"{self.label}: {code or status} (check the bucket, key and AWS_* credentials)"
+            )
         name = type(err).__name__
         if name in {"NoCredentialsError", "PartialCredentialsError"}:
-            return SourceFailed(f"{self.label}: no AWS credentials (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)")
+            return SourceFailed(
+                f"{self.label}: no AWS credentials (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)"
+            )
         return Transient(f"{self.label}: {name}: {err}")
 
     def probe(self) -> Probe:

@@ -75,7 +75,7 @@ def same_target(header: dict[str, Any], ident: dict[str, Any]) -> bool:
         return False
     if header.get("sha256") and ident.get("sha256"):
         return bool(header["sha256"] == ident["sha256"])
-    return header.get("source") == ident["source"] and header.get("etag") == ident["etag"]
+    return bool(header.get("source") == ident["source"] and header.get("etag") == ident["etag"])
 
 
 def read_journal(path: Path) -> tuple[dict[str, Any] | None, list[tuple[int, int]]]:
@@ -199,15 +199,12 @@ class Transfer:
         jf = open(self.journal, "a", encoding="utf-8")  # noqa: SIM115 - closed below
         self.fd = fd
         try:
-            if self.size is None:
-                sha = self._stream_unknown_size(fd)
-            else:
-                sha = self._parallel(fd, jf)
+            sha = self._stream_unknown_size(fd) if self.size is None else self._parallel(fd, jf)
             os.fsync(fd)
         finally:
             os.close(fd)
             jf.close()
-        size = os.stat(self.data).st_size
+        size = self.data.stat().st_size
         return TransferResult(
             size, sha, self.received, self.resumed, time.monotonic() - t0, self.ranges_ignored, self.errors
         )
@@ -267,6 +264,9 @@ class Transfer:
         with self.lock:
             snapshot = [(p, p.done) for p in self.pieces if p.done > p.synced]
         if not snapshot:
+            # Keep the journal fresh while stalled (a retry's wait), so no one takes it as dead.
+            with contextlib.suppress(OSError):
+                os.utime(self.journal)
             return
         os.fsync(fd)
         for p, done in snapshot:
@@ -320,7 +320,9 @@ class Transfer:
                 with self.lock:
                     self.errors.append(str(err))
                 if failures > self.options.retries:
-                    raise SourceFailed(f"{self.source.label}: gave up after {failures} failures: {err}") from None
+                    raise SourceFailed(
+                        f"{self.source.label}: gave up after {failures} failures: {err}"
+                    ) from None
                 if err.retry_after is not None:
                     delay = min(err.retry_after, self.options.max_retry_after_s)
                 else:
@@ -337,7 +339,9 @@ class Transfer:
             want = min(len(buf), piece.end - piece.start - piece.done)
             n = body.readinto(buf[:want])
             if n == 0:
-                raise Transient(f"the body ended at byte {piece.start + piece.done} of a range ending at {piece.end}")
+                raise Transient(
+                    f"the body ended at byte {piece.start + piece.done} of a range ending at {piece.end}"
+                )
             os.pwrite(fd, buf[:n], piece.start + piece.done)
             with self.lock:
                 piece.done += n
@@ -378,8 +382,14 @@ class Transfer:
                     with self.lock:
                         self.errors.append(str(err))
                     if failures > self.options.retries:
-                        raise SourceFailed(f"{self.source.label}: gave up after {failures} failures: {err}") from None
-                    delay = err.retry_after if err.retry_after is not None else self.options.backoff_s * 2 ** (failures - 1)
+                        raise SourceFailed(
+                            f"{self.source.label}: gave up after {failures} failures: {err}"
+                        ) from None
+                    delay = (
+                        err.retry_after
+                        if err.retry_after is not None
+                        else self.options.backoff_s * 2 ** (failures - 1)
+                    )
                     time.sleep(min(delay, self.options.max_retry_after_s))
                     body.close()
                     if conn is not None:

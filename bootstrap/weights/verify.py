@@ -240,13 +240,17 @@ def check_safetensors(path: Path) -> None:
         for d in shape:
             count *= d
         if offsets[1] - offsets[0] != count * _SAFETENSORS_DTYPES[dtype]:
-            raise BadFile(f"safetensors: tensor {name!r} spans {offsets[1] - offsets[0]} bytes, its shape needs {count * _SAFETENSORS_DTYPES[dtype]}")
+            raise BadFile(
+                f"safetensors: tensor {name!r} spans {offsets[1] - offsets[0]} bytes, its shape needs {count * _SAFETENSORS_DTYPES[dtype]}"
+            )
         spans.append((offsets[0], offsets[1], name))
     spans.sort()
     cursor = 0
     for begin, end, name in spans:
         if begin != cursor:
-            raise BadFile(f"safetensors: tensor {name!r} starts at {begin}, expected {cursor} (gap or overlap)")
+            raise BadFile(
+                f"safetensors: tensor {name!r} starts at {begin}, expected {cursor} (gap or overlap)"
+            )
         cursor = end
     if 8 + n + cursor != size:
         raise BadFile(f"safetensors: header and tensors cover {8 + n + cursor} bytes, the file has {size}")
