@@ -695,7 +695,10 @@ def _publish(tmp: Path, final: Path, timeline: Timeline) -> bool:
         # rename(2) refuses a non-empty target directory (ENOTEMPTY/EEXIST): someone else's
         # READY env is there. Theirs is as good as ours (same key): drop ours, use theirs.
         if not is_ready(final):
-            raise
+            # Not made by a builder (READY is inside before the rename): set it aside, retry once.
+            timeline.log(f"{final} exists without READY: moving it aside", level="warn")
+            os.rename(final, final.with_name(f"{BROKEN_PREFIX}{final.name}-{uuid.uuid4().hex[:8]}"))
+            return _publish(tmp, final, timeline)
         timeline.log(f"another worker published {final.name} first; using theirs")
         _discard(tmp)
         return False

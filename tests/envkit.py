@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import os
 import random
 import shutil
 import subprocess
 import zipfile
 from pathlib import Path
+from typing import Any
 
 from tests.helpers import base_environ
 
@@ -125,18 +127,25 @@ def lock_project(project: Path) -> None:
     shutil.rmtree(project / ".uv-lock-cache", ignore_errors=True)
 
 
-def fixture_project(root: Path, *, alpha_pin: str = "==1.0", break_gamma: bool = True) -> Path:
-    """A locked fixture project under ``root/project`` with its wheelhouse in ``root/wheels``."""
+def fixture_project(
+    root: Path, *, alpha_pin: str = "==1.0", break_gamma: bool = True, name: str = "project"
+) -> Path:
+    """A locked fixture project under ``root/<name>`` with its wheelhouse in ``root/wheels``."""
     wheelhouse = root / "wheels"
     if not wheelhouse.exists():
         make_wheelhouse(wheelhouse)
-    project = root / "project"
+    project = root / name
     project.mkdir(parents=True, exist_ok=True)
     (project / "pyproject.toml").write_text(PYPROJECT.format(wheelhouse=wheelhouse, alpha_pin=alpha_pin))
+    gamma = wheelhouse / "gamma-1.0-py3-none-any.whl"
+    good = root / "gamma-good.whl"
+    if not good.exists():
+        shutil.copy2(gamma, good)
+    shutil.copy2(good, gamma)  # uv lock reads the wheel's metadata
     lock_project(project)
     if break_gamma:
         # An uninstallable dependency: the lock names the wheel, but its bytes are garbage.
-        (wheelhouse / "gamma-1.0-py3-none-any.whl").write_bytes(b"this is not a zip file\n" * 10)
+        gamma.write_bytes(b"this is not a zip file\n" * 10)
     return project
 
 
@@ -177,3 +186,22 @@ def check_env_works(env_dir: Path, extras: tuple[str, ...] = ("calc",)) -> None:
     assert out.stdout.strip() == "alpha-cli ok", out
     out = subprocess.run([str(py), "-m", "alpha"], check=True, env=env, capture_output=True, text=True)
     assert out.stdout.strip() == "alpha-cli ok", out
+
+
+def env_events(stdout: str) -> list[dict[str, Any]]:
+    """The ``env`` phase's timeline events from a boot's JSON stdout."""
+    out = []
+    for line in stdout.splitlines():
+        try:
+            item = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(item, dict) and item.get("phase") == "env":
+            out.append(item)
+    return out
+
+
+def env_end(stdout: str) -> dict[str, Any]:
+    ends = [e for e in env_events(stdout) if e["event"] == "end"]
+    assert len(ends) == 1, stdout[-3000:]
+    return dict(ends[0]["detail"])
