@@ -647,3 +647,21 @@ def test_distribution_problems() -> None:
         )
     # And the environment running these tests is right.
     assert device.distribution_problems() == []
+
+
+def test_concurrent_jobs_share_the_loaded_models(pipe: faceswap.FaceSwap) -> None:
+    """WORKER_CONCURRENCY=3: jobs run at once in threads and give the same answers as one by one."""
+    worker = _worker(pipe)
+    worker.concurrency = 3
+    jobs = [
+        job(picture(200, 200, SOURCE_FACES), picture(500, 300, TARGET_FACES), target_index=i % 4)
+        for i in range(6)
+    ]
+    alone = [asyncio.run(_worker(pipe).handle({"input": j})) for j in jobs]
+
+    async def together() -> list[dict[str, Any]]:
+        return list(await asyncio.gather(*(worker.handle({"input": j}) for j in jobs)))
+
+    for one, many in zip(alone, asyncio.run(together()), strict=True):
+        assert many["success"] is True
+        assert many["image_base64"] == one["image_base64"] and many["swapped"] == one["swapped"]

@@ -132,6 +132,8 @@ def test_faces_swapped_through_the_local_api(tmp_path: Path, volume: Path) -> No
     assert phases_in_order(events) == ["preflight", "env", "weights", "import", "warm", "ready", "job"]
     warm_end = next(e for e in events if e["phase"] == "warm" and e["event"] == "end")
     assert warm_end["detail"]["loaded"] == ["faceswap"]
+    assert warm_end["detail"]["device"] == {"faceswap": {"gpu": None, "providers": ["CPUExecutionProvider"]}}
+    assert "runs on CPU" in (volume / ".bootstrap" / "logs" / "fs1" / "boot.log").read_text()
     jobs = [e for e in events if e["phase"] == "job"]
     assert len(jobs) == 6 and all(e["event"] == "end" for e in jobs)
     # InsightFace's own prints stay out of the JSON timeline on stdout.

@@ -97,6 +97,11 @@ def warm_up(worker: Worker, settings: Settings) -> None:
                 worker.capabilities[name] = {"status": "unavailable", "reason": reason}
                 continue
             worker.capabilities[name] = {"status": "ok", "reason": None}
+            # Which provider really runs the models, in the boot log too (FAILURES F15).
+            info = worker.pipelines[name].device()
+            detail.setdefault("device", {})[name] = {"gpu": info.get("gpu"), "providers": info.get("providers")}
+            if info.get("fallback"):
+                timeline.log(f"{name}: {info['fallback']}", level="warn")
         detail["loaded"] = sorted(worker.pipelines)
     worker.boot_ms["warm"] = round(timeline.phase_ms["warm"], 1)
 
