@@ -193,3 +193,47 @@ def test_cold_and_warm_boots_are_timed_per_phase_with_a_json_report_and_a_chart(
         assert img.format == "PNG"
         assert img.size[0] >= 800 and img.size[1] >= 200
     assert (out / "timing.png").stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_concurrent_workers_and_a_corrupted_model_are_timed_and_recovered(tmp_path: Path) -> None:
+    """``concurrent 2`` reports each worker and the slowest; ``recover`` truncates the verified
+    fixture model on a warm volume, and the boot must quarantine it and fetch it again."""
+    mirror = tmp_path / "mirror"
+    (mirror / "fx").mkdir(parents=True)
+    (mirror / "fx" / "tiny.bin").write_bytes(random.Random(2).randbytes(128 * 1024))
+    manifest = tmp_path / "models.toml"
+    manifest.write_text(
+        '[[file]]\ndest = "fx/tiny.bin"\nsource = "https://127.0.0.1:9/fx/tiny.bin"\n'
+        'format = "raw"\ncapability = "faceswap"\n'
+    )
+    seed = tmp_path / "seed"
+    seed_uv_cache(seed, ("faceswap",))
+    out = tmp_path / "out"
+    proc = run_bootstrap(
+        [
+            "timing", "concurrent", "2", "recover", "--out", str(out), "--no-chart",
+            "--extras", "faceswap", "--manifest", str(manifest), "--mirror", str(mirror),
+            "--seed-cache", str(seed / ".bootstrap" / "uv-cache"), "--timeout", "600",
+        ],
+        base_environ(BOOTSTRAP_OPTIONAL="faceswap"),
+        timeout=1800,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert not (out / "timing.png").exists()
+    report = json.loads((out / "timing.json").read_text())
+    concurrent, recover = report["scenarios"]
+    assert concurrent["label"] == "concurrent 2" and concurrent["workers"] == 2
+    (rep,) = concurrent["repeats"]
+    assert len(rep["boots"]) == 2 and len({b["worker_id"] for b in rep["boots"]}) == 2
+    assert rep["phases"]["total"] == max(b["phases"]["total"] for b in rep["boots"])
+    # One environment serves both: one built it under the lease, the other waited and reused it.
+    assert sorted(b["env_reused"] for b in rep["boots"]) == [False, True]
+    assert len(concurrent["per_worker"]) == 2
+    assert concurrent["per_worker"][0]["median"]["total"] <= concurrent["per_worker"][1]["median"]["total"]
+    assert "#1 of 2" in proc.stdout and "#2 of 2" in proc.stdout
+    (rec,) = recover["repeats"]
+    (boot,) = rec["boots"]
+    assert boot["ok"] is True and boot["quarantined"] >= 1
+    assert boot["env_reused"] is True
+    assert "recover: corrupted fx/tiny.bin (truncate)" in proc.stdout
