@@ -332,6 +332,20 @@ class Context:
     key: str | None = None
     key_error: BootstrapError | None = None
 
+    def env_in_use(self) -> Path | None:
+        """The READY env a boot would use: this key's, or the degraded one a failure record names."""
+        if self.volume is None or self.key is None:
+            return None
+        final = self.volume.envs / self.key
+        if (final / "READY").is_file():
+            return final
+        failure = _failure_record(self, self.key)
+        if failure is not None and failure.get("published_key"):
+            held = self.volume.envs / str(failure["published_key"])
+            if (held / "READY").is_file():
+                return held
+        return None
+
     def no_volume(self) -> list[Check]:
         return [
             Check(
@@ -725,6 +739,9 @@ def check_env(ctx: Context) -> list[Check]:
     tmp_prefix = envmod.TMP_PREFIX
     others = [p for p in entries if p.is_dir() and p.name != key and not p.name.startswith((tmp_prefix, "."))]
     half = [p for p in entries if p.is_dir() and p.name.startswith(tmp_prefix)]
+    aside = [
+        p for p in entries if p.is_dir() and p.name.startswith(getattr(envmod, "BROKEN_PREFIX", ".broken-"))
+    ]
     live = _live_env_leases(ctx)
     if ready is not None:
         built = ready.get("built_at")
@@ -744,14 +761,30 @@ def check_env(ctx: Context) -> list[Check]:
         checks.append(_interpreter_check(ctx, final, expected))
     else:
         checks.append(_not_ready_check(ctx, key, final, expected, inputs, others, live))
+        in_use = ctx.env_in_use()
+        if in_use is not None:
+            checks.append(_interpreter_check(ctx, in_use, expected))
+        else:
+            checks.append(
+                Check(
+                    "interpreter",
+                    Status.OK,
+                    f"this image's interpreter: {_describe_python(expected)} (no env to compare)",
+                )
+            )
+    checks.append(_half_built_check(ctx, key, ready is not None, half, live, deadline))
+    if aside:
+        listed = "\n".join(f"{p.name}: {_size_text(_dir_size(p, deadline), o.size_budget_s)}" for p in aside)
         checks.append(
             Check(
-                "interpreter",
-                Status.OK,
-                f"this image's interpreter: {_describe_python(expected)} (no env to compare)",
+                "moved_aside",
+                Status.DEGRADED,
+                "environments a boot found unusable (pyvenv.cfg home wrong for this interpreter) and "
+                f"moved aside before rebuilding:\n{listed}",
+                hint="`bootstrap gc` removes them; if this recurs, workers run different images on one "
+                "volume (see interpreter)",
             )
         )
-    checks.append(_half_built_check(ctx, key, ready is not None, half, live, deadline))
     lines = []
     for p in others:
         rec = _read_ready(p)
@@ -791,6 +824,27 @@ def _not_ready_check(
             hint=f"wait for it (its log: logs/{str(holder.get('owner', '?')).split(':')[0]}/boot.log); "
             "other workers reuse it once READY",
         )
+    failure = _failure_record(ctx, key)
+    if failure is not None:
+        published = str(failure.get("published_key") or "?")
+        dropped = failure.get("dropped") or {}
+        names = ", ".join(sorted(map(str, dropped))) or "?"
+        errors_text = "; ".join(
+            f"{k}: {str(v).strip().splitlines()[-1] if str(v).strip() else v}" for k, v in dropped.items()
+        )
+        at = failure.get("at")
+        when = f" {human_age(ctx.options.clock() - at)} ago" if isinstance(at, (int, float)) else ""
+        usable = (ctx.volume.envs / published / "READY").is_file() if ctx.volume else False
+        return Check(
+            "ready",
+            Status.DEGRADED if usable else Status.BROKEN,
+            f"the full set of extras failed to build{when}; dropped {names} ({errors_text[:600]}); "
+            f"workers use envs/{published}"
+            + (" (READY)" if usable else " (NOT READY)")
+            + " and retry the full set every 10 min",
+            hint=f"fix the dependency of {names} in pyproject.toml and `uv lock`, or remove it from "
+            "BOOTSTRAP_EXTRAS; uv's full error is in the builder's boot.log",
+        )
     for p in others:
         rec = _read_ready(p)
         if rec is None:
@@ -824,6 +878,20 @@ def _not_ready_check(
         f"not built yet: {final} does not exist{changed}; the next boot builds it (a cold start)",
         hint="fill the volume before deploying with `bootstrap prepare` from a pod running this image",
     )
+
+
+def _failure_record(ctx: Context, key: str) -> dict[str, Any] | None:
+    """``envs/.failed-<key>.json``: the full set of extras failed and a degraded env was published."""
+    if ctx.volume is None:
+        return None
+    from bootstrap import env as envmod
+
+    path = ctx.volume.envs / f"{getattr(envmod, 'FAILED_PREFIX', '.failed-')}{key}.json"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def _interpreter_check(ctx: Context, final: Path, expected: Mapping[str, Any]) -> Check:
@@ -905,6 +973,8 @@ def _half_built_check(
     live: Mapping[str, dict[str, Any]],
     deadline: float,
 ) -> Check:
+    from bootstrap import env as envmod
+
     o = ctx.options
     if not half:
         return Check("half_built", Status.OK, "no half-built environments")
@@ -920,10 +990,17 @@ def _half_built_check(
         except OSError:
             age = "?"
         size = _size_text(_dir_size(p, deadline), o.size_budget_s)
-        if builder is not None:
-            lines.append(f"{p.name}: being built by {builder.get('owner', '?')} ({size}, {age} old)")
+        # The builder's own heartbeat file (``.builder``: host, pid, touched every TTL/3) is the
+        # better witness where the env module writes one; the lease is the fallback.
+        is_dead = getattr(envmod, "leftover_is_dead", None)
+        alive = builder is not None
+        if is_dead is not None:
+            alive = not is_dead(p, max(60.0, 4 * ctx.settings.lease_ttl_s))
+        if alive:
+            who = builder.get("owner", "?") if builder else "a live builder"
+            lines.append(f"{p.name}: being built by {who} ({size}, {age} old)")
             continue
-        lines.append(f"{p.name}: no live builder holds its lease ({size}, last change {age} ago)")
+        lines.append(f"{p.name}: its builder is gone ({size}, last change {age} ago)")
         worst = Status.DEGRADED if worst is Status.OK else worst
         if fragment and key.startswith(fragment) and not ready:
             ours_dead = True
@@ -1239,17 +1316,15 @@ def check_gpu(ctx: Context) -> list[Check]:
 def _gpu_env_checks(
     ctx: Context, device: bool, driver_cuda: tuple[int, ...] | None, problem: Status, absent: Status
 ) -> list[Check]:
-    from bootstrap import env as envmod
 
     s, o = ctx.settings, ctx.options
     if ctx.volume is None:
         return ctx.no_volume()
-    key = ctx.key
-    if key is None:
+    if ctx.key is None:
         why = ctx.key_error.message if ctx.key_error else "?"
         return [Check("env_probe", Status.UNKNOWN, f"no env key: {why}", hint="see the env section")]
-    final = ctx.volume.envs / key
-    if not envmod.is_ready(final):
+    final = ctx.env_in_use()
+    if final is None:
         return [
             Check(
                 "env_probe",

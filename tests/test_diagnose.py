@@ -181,6 +181,22 @@ def test_text_renderer_puts_broken_first_and_aligns() -> None:
         dg.Check("x", dg.Status.DEGRADED, "no hint")
 
 
+def test_own_bug_is_exit_1_unless_something_is_broken(volume: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def boom(ctx: dg.Context) -> list[dg.Check]:
+        raise RuntimeError("a bug in a section")
+
+    monkeypatch.setitem(dg.SECTION_FNS, "leases", boom)  # type: ignore[index]
+    settings = Settings.from_env(base_environ(BOOTSTRAP_VOLUME=str(volume), BOOTSTRAP_EXTRAS=""))
+    report = dg.collect(settings)
+    assert report.exit_code == 1
+    assert report.internal_errors == ["leases: RuntimeError: a bug in a section"]
+    only = report.section("leases").checks
+    assert [(c.name, c.status) for c in only] == [("diagnose", dg.Status.UNKNOWN)]
+    assert "BOOTSTRAP_DEBUG=1" in (only[0].hint or "")
+    # The other sections still ran.
+    assert report.section("volume").status is dg.Status.OK
+
+
 def test_bad_setting_is_reported_not_fatal(volume: Path) -> None:
     env = base_environ(BOOTSTRAP_VOLUME=str(volume), BOOTSTRAP_EXTRAS="", BOOTSTRAP_MIN_FREE_GB="lots")
     rc, text, report = diagnose(env)
@@ -595,3 +611,43 @@ def test_secrets_never_printed(faceswap_volume: Path, tmp_path: Path) -> None:
     for name, value in secrets.items():
         assert check(report, "settings", name)["detail"] == f"set ({len(value)} chars) (env)"
     assert "RUNPOD_API_KEY=set (" in check(report, "platform", "runpod")["detail"]
+
+
+FAKE_SMI = """#!/bin/sh
+# A stand-in for nvidia-smi (this machine has no GPU): one A40 whose driver supports CUDA 12.2.
+case "$1" in
+  --query-gpu=*) echo "NVIDIA A40, 535.104.05, 46068 MiB" ;;
+  *) echo "| NVIDIA-SMI 535.104.05   Driver Version: 535.104.05   CUDA Version: 12.2 |" ;;
+esac
+"""
+
+
+@pytest.mark.slow
+def test_gpu_driver_older_than_the_wheels(faceswap_volume: Path, tmp_path: Path) -> None:
+    """F15: the env's onnxruntime-gpu wants a newer CUDA than the driver, and falls back to CPU."""
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    smi = fake_bin / "nvidia-smi"
+    smi.write_text(FAKE_SMI)
+    smi.chmod(0o755)
+    manifest = tmp_path / "empty.toml"
+    manifest.write_text("")
+    env = base_environ(
+        BOOTSTRAP_VOLUME=str(faceswap_volume),
+        BOOTSTRAP_EXTRAS="faceswap",
+        BOOTSTRAP_MANIFEST=str(manifest),
+        PATH=f"{fake_bin}:{os.environ['PATH']}",
+    )
+    rc, text, report = diagnose(env)
+    assert rc == 0, text  # not required: degraded
+    assert check(report, "gpu", "device")["detail"].startswith("NVIDIA A40, 535.104.05")
+    versions = check(report, "gpu", "cuda_versions")
+    assert versions["status"] == "degraded"
+    assert "the driver supports CUDA up to 12.2" in versions["detail"]
+    ort = check(report, "gpu", "onnxruntime")
+    assert ort["status"] == "degraded"
+    assert "falls back to CPU" in ort["detail"]
+    # Required: the same findings are broken, with what to do.
+    rc, text, report = diagnose({**env, "BOOTSTRAP_REQUIRE_GPU": "1"})
+    assert_broken(rc, text, report, "gpu", "cuda_versions", "CUDA version filter")
+    assert_broken(rc, text, report, "gpu", "onnxruntime", "BOOTSTRAP_REQUIRE_GPU=0")
