@@ -866,6 +866,18 @@ def _not_ready_check(
                 "from THIS image (same Python) before deploying; `bootstrap gc` removes the other "
                 "environment once no worker uses it",
             )
+    failed = _last_env_failure(ctx)
+    if failed is not None:
+        worker, event = failed
+        d = event.get("detail") or {}
+        first = (str(d.get("error") or "?").strip().splitlines() or ["?"])[0][:400]
+        return Check(
+            "ready",
+            Status.BROKEN,
+            f"{final} does not exist, and the latest attempt to build an environment failed "
+            f"(worker {worker}, exit {d.get('code')} {d.get('name')}): {first}",
+            hint=str(d.get("hint") or errors.BY_CODE[errors.ENV].todo),
+        )
     changed = ""
     for p in others:
         theirs = (_read_ready(p) or {}).get("inputs") or {}
@@ -878,6 +890,31 @@ def _not_ready_check(
         f"not built yet: {final} does not exist{changed}; the next boot builds it (a cold start)",
         hint="fill the volume before deploying with `bootstrap prepare` from a pod running this image",
     )
+
+
+def _last_env_failure(ctx: Context) -> tuple[str, dict[str, Any]] | None:
+    """(worker, event) when the newest env-phase event on the volume is a ``fail``."""
+    if ctx.volume is None or not ctx.volume.logs.is_dir():
+        return None
+    newest: tuple[float, str, dict[str, Any]] | None = None
+    dirs = sorted(ctx.volume.logs.iterdir(), key=_mtime, reverse=True)[: ctx.options.max_workers]
+    for d in dirs:
+        env_events = [e for e in read_events(d / JSONL) if e.get("phase") == "env"]
+        if env_events:
+            last = env_events[-1]
+            ts = float(last.get("ts") or 0)
+            if newest is None or ts > newest[0]:
+                newest = (ts, d.name, last)
+    if newest is None or newest[2].get("event") != "fail":
+        return None
+    return newest[1], newest[2]
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return (path / JSONL).stat().st_mtime
+    except OSError:
+        return 0.0
 
 
 def _failure_record(ctx: Context, key: str) -> dict[str, Any] | None:

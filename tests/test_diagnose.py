@@ -651,3 +651,30 @@ def test_gpu_driver_older_than_the_wheels(faceswap_volume: Path, tmp_path: Path)
     rc, text, report = diagnose({**env, "BOOTSTRAP_REQUIRE_GPU": "1"})
     assert_broken(rc, text, report, "gpu", "cuda_versions", "CUDA version filter")
     assert_broken(rc, text, report, "gpu", "onnxruntime", "BOOTSTRAP_REQUIRE_GPU=0")
+
+
+@pytest.mark.slow
+def test_degraded_env_and_a_required_extra_that_fails(tmp_path: Path, volume: Path) -> None:
+    """An optional extra that cannot install: a degraded env is in use (degraded, not broken);
+    the same extra required: the boot exits 12 and diagnose names it."""
+    from tests.envkit import env_environ, fixture_project
+
+    project = fixture_project(tmp_path / "fixture")
+    env = env_environ(volume, project, BOOTSTRAP_EXTRAS="calc,broken", BOOTSTRAP_OPTIONAL="broken")
+    assert run_bootstrap(["run", "--until", "env"], env).returncode == 0
+    rc, text, report = diagnose(env)
+    ready = check(report, "env", "ready")
+    assert ready["status"] == "degraded", ready
+    assert "dropped broken" in ready["detail"] and "(READY)" in ready["detail"]
+    assert "BOOTSTRAP_EXTRAS" in ready["hint"]
+    assert check(report, "env", "interpreter")["status"] == "ok"  # the env in use was probed
+    required = env_environ(
+        tmp_path / "vol2", project, BOOTSTRAP_EXTRAS="calc,broken", BOOTSTRAP_WORKER_ID="w12"
+    )
+    (tmp_path / "vol2").mkdir()
+    assert run_bootstrap(["run", "--until", "env"], required).returncode == 12
+    rc, text, report = diagnose(required)
+    c = assert_broken(rc, text, report, "last_boot", "w12", "bootstrap explain 12")
+    assert (c["exit_code"], c["exit_name"]) == (12, "ENV")
+    e = assert_broken(rc, text, report, "env", "ready", "BOOTSTRAP_OPTIONAL")
+    assert "latest attempt to build an environment failed (worker w12, exit 12 ENV)" in e["detail"]
