@@ -8,7 +8,7 @@ Scenarios:
 
 - ``cold``: an empty volume.
 - ``warm``: everything on the volume (a cold boot first, untimed — or the volume the last
-  ``cold`` repeat of this run left — then the timed boots).
+  ``cold`` or ``concurrent`` repeat of this run left — then the timed boots).
 - ``concurrent N``: N workers at once on one empty volume; each is reported and the slowest
   stands for the repeat.
 - ``recover``: a warm volume whose verified model file was corrupted (truncated, or overwritten
@@ -438,6 +438,7 @@ class Runner:
         return {"ok": ok, "phases": dict(slowest.phases), "boots": [b.to_json() for b in boots]}
 
     def concurrent(self, workers: int, rep: int) -> list[Boot]:
+        """N boots at once on one empty volume; once all succeed it is a warm volume too."""
         root = self.volume(f"concurrent{workers}")
         results: list[Boot | None] = [None] * workers
         ids = [self.worker_id("concurrent", rep, n) for n in range(workers)]
@@ -450,7 +451,10 @@ class Runner:
             t.start()
         for t in threads:
             t.join()
-        return [b or Boot(worker_id=ids[n], error="the boot thread died") for n, b in enumerate(results)]
+        boots = [b or Boot(worker_id=ids[n], error="the boot thread died") for n, b in enumerate(results)]
+        if all(b.ok for b in boots):
+            self._warm = root
+        return boots
 
     def warm(self, rep: int) -> Boot:
         root, failed = self.warm_volume()

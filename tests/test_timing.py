@@ -237,3 +237,5 @@ def test_concurrent_workers_and_a_corrupted_model_are_timed_and_recovered(tmp_pa
     assert boot["ok"] is True and boot["quarantined"] >= 1
     assert boot["env_reused"] is True
     assert "recover: corrupted fx/tiny.bin (truncate)" in proc.stdout
+    # The concurrent volume, complete once both boots answered, was the warm volume: no untimed boot.
+    assert not list((out / "logs").glob("timing-prepare-*"))
