@@ -118,18 +118,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--models", action="store_true", help="also verified model files the manifest does not list")
     p.set_defaults(func=_cmd_gc)
 
-    p = sub.add_parser("timing", help="time real boots per phase: cold, warm, concurrent N, recover, baseline")
-    p.add_argument("scenario", nargs="+", metavar="SCENARIO", help="cold | warm | concurrent N | recover | baseline")
-    p.add_argument("--repeat", type=int, default=1, metavar="K", help="boots per scenario: median and min/max [1]")
-    p.add_argument("--out", default="timing", metavar="DIR", help="where timing.json, timing.png and logs go [./timing]")
-    p.add_argument("--scratch", metavar="DIR", help="where scratch volumes are made [DIR/scratch]; put it on the volume's filesystem")
-    p.add_argument("--job", metavar="JSON", help='the first job [{"input": {"task": "health"}}]')
+    p = sub.add_parser(
+        "timing", help="time real boots per phase: cold, warm, concurrent N, recover, baseline"
+    )
+    p.add_argument(
+        "scenario", nargs="+", metavar="SCENARIO", help="cold | warm | concurrent N | recover | baseline"
+    )
+    p.add_argument(
+        "--repeat", type=int, default=1, metavar="K", help="boots per scenario: median and min/max [1]"
+    )
+    p.add_argument(
+        "--out", default="timing", metavar="DIR", help="where timing.json, timing.png and logs go [./timing]"
+    )
+    p.add_argument(
+        "--scratch",
+        metavar="DIR",
+        help="where scratch volumes are made [DIR/scratch]; put it on the volume's filesystem",
+    )
+    p.add_argument(
+        "--job", metavar="JSON", help='the first job, or @FILE holding it [{"input": {"task": "health"}}]'
+    )
     p.add_argument("--extras", metavar="LIST", help="BOOTSTRAP_EXTRAS for the boots [inherited]")
     p.add_argument("--manifest", metavar="PATH", help="BOOTSTRAP_MANIFEST for the boots [inherited]")
     p.add_argument("--mirror", metavar="DIR|URL", help="BOOTSTRAP_MIRROR for the boots [inherited]")
-    p.add_argument("--seed-cache", metavar="DIR", help="hard-link this uv cache into each scratch volume (a warm uv cache)")
-    p.add_argument("--corrupt", choices=("truncate", "overwrite"), default="truncate", help="recover: how the model file is corrupted")
-    p.add_argument("--timeout", type=float, default=3600.0, metavar="S", help="longest wait for one boot's first answer [3600]")
+    p.add_argument(
+        "--seed-cache",
+        metavar="DIR",
+        help="hard-link this uv cache into each scratch volume (a warm uv cache)",
+    )
+    p.add_argument(
+        "--corrupt",
+        choices=("truncate", "overwrite"),
+        default="truncate",
+        help="recover: how the model file is corrupted",
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=3600.0,
+        metavar="S",
+        help="longest wait for one boot's first answer [3600]",
+    )
     p.add_argument("--keep", action="store_true", help="keep the scratch volumes")
     p.add_argument("--no-chart", action="store_true", help="skip the PNG (no matplotlib needed)")
     p.set_defaults(func=_cmd_timing)

@@ -907,8 +907,14 @@ def options_from_args(args: Any) -> Options:
     """The command line (`bootstrap.cli`) → `Options`."""
     job = dict(HEALTH_JOB)
     if args.job:
+        raw = args.job
+        if raw.startswith("@"):  # a file: a real job's base64 images outgrow one argument (128 KiB)
+            try:
+                raw = Path(raw[1:]).read_text(encoding="utf-8")
+            except OSError as err:
+                raise ConfigError(f"--job {args.job}: {err}", hint="give --job JSON or --job @FILE") from None
         try:
-            job = json.loads(args.job)
+            job = json.loads(raw)
         except ValueError as err:
             raise ConfigError(
                 f"--job is not JSON: {err}", hint='e.g. --job \'{"input": {"task": "health"}}\''
