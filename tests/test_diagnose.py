@@ -445,9 +445,10 @@ def test_stale_lease(volume: Path, tmp_path: Path) -> None:
     lay_out(volume, tmp_path)
     leases = volume / ".bootstrap" / "leases"
     env = base_environ(BOOTSTRAP_VOLUME=str(volume), BOOTSTRAP_EXTRAS="", BOOTSTRAP_LEASE_TTL_S="1")
-    holder = hold_lease(leases, "env-0123456789abcdef", 1.0)
+    holder = hold_lease(leases, "env-0123456789abcdef", 1.0)  # renewed every 1/3 s
     try:
-        _rc, _text, report = diagnose(env)
+        # Judged with a TTL of 10 s, so a slow heartbeat on a busy machine does not look stale.
+        _rc, _text, report = diagnose({**env, "BOOTSTRAP_LEASE_TTL_S": "10"})
         live = check(report, "leases", "env-0123456789abcdef")
         assert live["status"] == "ok" and "w-dead:1" in live["detail"]
     finally:
@@ -497,7 +498,8 @@ def test_a_hung_read_cannot_hang_diagnose(volume: Path, tmp_path: Path) -> None:
     assert "did not answer within 1 s" in device.detail
     required = dg.collect(Settings.from_env({**environ, "BOOTSTRAP_REQUIRE_GPU": "1"}), options, only=["gpu"])
     assert required.section("gpu").checks[0].status is dg.Status.BROKEN
-    assert report.section("volume").status is dg.Status.OK  # the rest answered
+    assert report.section("settings").status is dg.Status.OK  # the rest answered
+    assert report.section("platform").status is dg.Status.OK
 
 
 # -- weights and last boot --------------------------------------------------------------------
