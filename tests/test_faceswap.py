@@ -665,3 +665,29 @@ def test_concurrent_jobs_share_the_loaded_models(pipe: faceswap.FaceSwap) -> Non
     for one, many in zip(alone, asyncio.run(together()), strict=True):
         assert many["success"] is True
         assert many["image_base64"] == one["image_base64"] and many["swapped"] == one["swapped"]
+
+
+@pytest.mark.parametrize(
+    ("size", "faces"),
+    [
+        ((500, 300), TARGET_FACES),
+        ((300, 240), [(0, 0, 120)]),
+        ((1600, 1200), [(100, 100, 300), (1200, 800, 380)]),
+    ],
+)
+def test_region_paste_back_matches_insightface_full_picture_paste_back(
+    pipe: faceswap.FaceSwap, size: tuple[int, int], faces: list[tuple[int, int, int]]
+) -> None:
+    img = picture(*size, faces)
+    src = picture(200, 200, SOURCE_FACES)
+    source = pipe._detect(src)[0]
+    pipe.recognizer.get(src, source)
+    full, region = img.copy(), img.copy()
+    for face in pipe._detect(img):
+        full = pipe.swapper.get(full, face, source, paste_back=True)
+        pipe._swap_into(region, face, source)
+    diff = np.abs(full.astype(int) - region.astype(int))
+    changed = (np.abs(full.astype(int) - img.astype(int)).sum(axis=2) > 0).sum()
+    assert changed > 1000
+    assert diff.max() <= 1  # float rounding of the shifted transform, nothing more
+    assert (diff > 0).sum() < changed * 0.01
