@@ -1752,10 +1752,16 @@ def collect(
     from bootstrap import env as envmod
 
     try:
-        ctx.key_inputs = envmod.key_inputs(settings, settings.extras)
+        ctx.key_inputs = with_timeout(
+            lambda: envmod.key_inputs(settings, settings.extras), o.probe_timeout_s, "the env key's inputs"
+        )
         ctx.key = envmod.env_key(ctx.key_inputs)
     except BootstrapError as err:
         ctx.key_error = err
+    except ProbeTimeout as err:  # a managed interpreter on a hung volume
+        ctx.key_error = BootstrapError(
+            str(err), hint="the volume or its interpreter is hanging: see the volume section"
+        )
     results: dict[str, Section] = {}
     threads: dict[str, threading.Thread] = {}
     lock = threading.Lock()
