@@ -211,8 +211,8 @@ def _check_files(ctx: LoadContext) -> tuple[Path, Path]:
 
 
 def _warmup_image() -> np.ndarray:
-    """A 1024×1280 picture with one bright 'face' on a dark, slightly noisy background: large
-    enough that the buffers of a typical job's paste-back are already mapped."""
+    """A 1280×1024 picture with one bright 'face' on a dark, slightly noisy background: as large
+    as a typical job's, so its detector letterbox, paste-back and codec buffers are mapped."""
     rng = np.random.default_rng(0)
     img = rng.integers(0, 40, size=(1024, 1280, 3), dtype=np.uint8)
     img[384:640, 512:768] = (90, 170, 230)
@@ -312,14 +312,14 @@ class FaceSwap:
     # -- warm-up -----------------------------------------------------------------------------
 
     def warm_up(self) -> None:
-        """One swap on a generated picture: every session at job shapes, every encoder."""
+        """A swap on a generated picture: every session at job shapes, every encoder."""
         img = _warmup_image()
         self._detect(img)  # the detector's fixed-size session is built on first use
         face = _template_face(img)
         self.recognizer.get(img, face)
-        out = img
-        for _ in range(2):  # the second pass runs on buffers the first one mapped
-            out = self.swapper.get(out, face, face, paste_back=True)
+        out = img.copy()
+        for _ in range(2):  # the job's own path; the second pass runs on buffers the first mapped
+            self._swap_into(out, face, face)
         for fmt in ("png", "jpeg", "webp"):
             data = wio.encode_image(out[:64, :64], None, fmt)
             wio.decode_image(data, max_pixels=10**6, max_side=32, what="warm-up")
