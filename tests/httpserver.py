@@ -20,8 +20,8 @@ Faults (`Fault.kind`), each for the first ``times`` matching requests (None: alw
 - ``bad_etag``: (``hf`` mode) the Hub headers announce a wrong sha256.
 
 ``hf=True`` also answers the Hub's resolve URLs, ``/{org}/{repo}/resolve/{rev}/{path}`` →
-``root/{org}/{repo}/{path}``, like huggingface.co: HEAD/GET give 302 to a "CDN" URL on the same
-server with ``X-Linked-Size``, ``X-Linked-Etag`` (the sha256), ``ETag`` and ``X-Repo-Commit``,
+``root/{org}/{repo}/{path}``, like huggingface.co: HEAD/GET give 302 to a "CDN" URL (this
+server, addressed as ``localhost``: another host, as a real CDN is) with ``X-Linked-Size``, ``X-Linked-Etag`` (the sha256), ``ETag`` and ``X-Repo-Commit``,
 so both this project's fetcher and ``huggingface_hub`` (through ``HF_ENDPOINT``) work against it.
 
 Run standalone for benchmarks: ``python -m tests.httpserver ROOT --port 8080 [--rate BYTES_PER_S] [--hf]``.
@@ -180,7 +180,9 @@ class _Handler(BaseHTTPRequestHandler):
             sha = self._sha(file)
             if fault and fault.kind == "bad_etag":
                 sha = hashlib.sha256(sha.encode()).hexdigest()
-            host = self.headers.get("Host", f"127.0.0.1:{self.server.server_address[1]}")
+            # The "CDN" is this server under another name, so clients see a cross-host redirect
+            # (as from huggingface.co to its CDN) and must not forward the Hub token there.
+            host = f"localhost:{self.server.server_address[1]}"
             headers = {
                 "X-Repo-Commit": rev if re.fullmatch(r"[0-9a-f]{40}", rev) else FAKE_COMMIT,
                 "X-Linked-Size": str(file.stat().st_size),

@@ -11,8 +11,9 @@ whole-file sha256 at the end catches anything wrong.
 Internal logic:
 
 1. Work = the ranges the journal does not cover, cut into pieces of ``piece_bytes``.
-2. ``connections`` threads each keep one connection and take pieces from a queue; a piece's
-   progress survives a retry (the next request starts where the body broke).
+2. Threads each keep one connection and take pieces from a queue; a piece's progress survives
+   a retry (the next request starts where the body broke). It starts with a few connections and
+   adds more while they raise the throughput (a CDN caps each connection), up to ``connections``.
 3. A server that ignores Range (200 with the whole body) switches to one sequential stream.
 4. Every ``sync_every_s`` the coordinator fsyncs ``data``, then appends the newly completed
    ranges to the journal and fsyncs it — data first, so the journal never claims unsynced bytes.
@@ -45,7 +46,11 @@ JOURNAL_VERSION = 1
 class FetchOptions:
     """Knobs of the fetcher; the defaults are what `bootstrap run` uses."""
 
-    connections: int = 8
+    #: most connections for one file; it starts with ``initial_connections`` and doubles them
+    #: every ``ramp_every_s`` while that raises the throughput
+    connections: int = 16
+    initial_connections: int = 4
+    ramp_every_s: float = 0.3
     piece_bytes: int = 8 * 1024 * 1024
     files_at_once: int = 3
     timeout_s: float = 30.0
@@ -217,25 +222,40 @@ class Transfer:
         for p in self.pieces:
             work.put(p)
         hasher = _Hasher(fd, self)
-        n_threads = max(1, min(self.options.connections, len(self.pieces)))
-        threads = [
-            threading.Thread(target=self._worker, args=(work,), name=f"fetch-{i}", daemon=True)
-            for i in range(n_threads)
-        ]
+        limit = max(1, min(self.options.connections, len(self.pieces)))
+        threads: list[threading.Thread] = []
+
+        def add_threads(n: int) -> None:
+            for _ in range(min(n, limit - len(threads))):
+                t = threading.Thread(
+                    target=self._worker, args=(work,), name=f"fetch-{len(threads)}", daemon=True
+                )
+                threads.append(t)
+                t.start()
+
         hasher.thread.start()
-        for t in threads:
-            t.start()
-        last_sync = time.monotonic()
+        add_threads(self.options.initial_connections)
+        last_sync = last_ramp = time.monotonic()
+        ramp_bytes, ramp_rate, ramping = 0, 0.0, True
         try:
             while any(t.is_alive() for t in threads):
                 if self.abort.is_set():
                     self.stop.set()
-                for t in threads:
-                    t.join(timeout=0.05)
-                    break
-                if time.monotonic() - last_sync >= self.options.sync_every_s:
+                self.stop.wait(0.05)
+                now = time.monotonic()
+                if now - last_sync >= self.options.sync_every_s:
                     self._sync(fd, jf)
-                    last_sync = time.monotonic()
+                    last_sync = now
+                if ramping and now - last_ramp >= self.options.ramp_every_s:
+                    # Add connections while they add throughput (a per-connection rate cap, as
+                    # CDNs have); stop once they do not (a saturated link or CPU).
+                    rate = (self.received - ramp_bytes) / (now - last_ramp)
+                    ramp_bytes, last_ramp = self.received, now
+                    if len(threads) >= limit or work.empty() or rate < ramp_rate * 1.15:
+                        ramping = False
+                    else:
+                        ramp_rate = rate
+                        add_threads(len(threads))  # double
         finally:
             if self.error is not None:
                 self.stop.set()
