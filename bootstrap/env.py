@@ -28,6 +28,7 @@ is dropped; the env is published under the key of what it holds, the failure is 
 `RETRY_FULL_AFTER_S` before trying the full set again.
 """
 
+# ruff: noqa: PTH104, PTH114, PTH115, PTH202, PTH211 - rename/link/symlink of whole trees read clearer at the os level, as elsewhere in bootstrap
 from __future__ import annotations
 
 import contextlib
@@ -90,7 +91,7 @@ def find_uv() -> str:
     if found:
         return found
     try:
-        from uv import find_uv_bin  # type: ignore[import-not-found]
+        from uv import find_uv_bin  # type: ignore[import-not-found,unused-ignore]
 
         return str(find_uv_bin())
     except Exception as err:
@@ -223,7 +224,11 @@ def _wheel_fits(filename: str) -> bool:
 def _lock_graph(lock: dict[str, Any]) -> tuple[dict[str, dict[str, Any]], dict[str, Any] | None]:
     packages = {str(p.get("name")): p for p in lock.get("package", [])}
     root = next(
-        (p for p in lock.get("package", []) if "virtual" in p.get("source", {}) or "editable" in p.get("source", {})),
+        (
+            p
+            for p in lock.get("package", [])
+            if "virtual" in p.get("source", {}) or "editable" in p.get("source", {})
+        ),
         None,
     )
     return packages, root
@@ -292,7 +297,9 @@ def _uv_env(settings: Settings, volume: Volume, target: Path) -> dict[str, str]:
     return env
 
 
-def _run(cmd: list[str], env: dict[str, str], cwd: Path, timeline: Timeline) -> subprocess.CompletedProcess[str]:
+def _run(
+    cmd: list[str], env: dict[str, str], cwd: Path, timeline: Timeline
+) -> subprocess.CompletedProcess[str]:
     timeline.log("$ " + " ".join(cmd))
     proc = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, check=False)
     for line in (proc.stdout + proc.stderr).splitlines():
@@ -301,7 +308,7 @@ def _run(cmd: list[str], env: dict[str, str], cwd: Path, timeline: Timeline) -> 
 
 
 def _uv_error(proc: subprocess.CompletedProcess[str]) -> str:
-    text = (proc.stderr.strip() or proc.stdout.strip() or f"exit status {proc.returncode}")
+    text = proc.stderr.strip() or proc.stdout.strip() or f"exit status {proc.returncode}"
     return text[-ERROR_TAIL:]
 
 
@@ -491,7 +498,9 @@ def ensure_env(settings: Settings, volume: Volume, timeline: Timeline, detail: d
             if is_ready(held) and _check_home(held, python) is None:
                 dropped = {str(k): str(v) for k, v in (failure.get("dropped") or {}).items()}
                 kept = tuple(e for e in extras if e not in dropped)
-                return EnvResult(str(failure["published_key"]), held, held / "bin" / "python", True, kept, dropped)
+                return EnvResult(
+                    str(failure["published_key"]), held, held / "bin" / "python", True, kept, dropped
+                )
         return None
 
     found = reusable()
@@ -617,8 +626,12 @@ def _build(
     lock = settings.project_dir / "uv.lock"
     needed, count = estimate_install_bytes(lock, settings.extras)
     volume.envs.mkdir(parents=True, exist_ok=True)
-    du = require_free(volume.envs, needed, settings.min_free_bytes, what=f"the environment ({count} packages)")
-    timeline.log(f"env {key}: building; about {needed / 1e6:.1f} MB for {count} packages, {du.free / 1e9:.2f} GB free")
+    du = require_free(
+        volume.envs, needed, settings.min_free_bytes, what=f"the environment ({count} packages)"
+    )
+    timeline.log(
+        f"env {key}: building; about {needed / 1e6:.1f} MB for {count} packages, {du.free / 1e9:.2f} GB free"
+    )
     tmp = volume.envs / tmp_name(key)
     tmp.mkdir()
     t0 = time.time()
@@ -632,7 +645,18 @@ def _build(
                     _clone(source, tmp)
                     b.cloned = True
                 else:
-                    proc = b.run([uv, "venv", "--quiet", "--allow-existing", "--relocatable", "--python", str(python.executable), str(tmp)])
+                    proc = b.run(
+                        [
+                            uv,
+                            "venv",
+                            "--quiet",
+                            "--allow-existing",
+                            "--relocatable",
+                            "--python",
+                            str(python.executable),
+                            str(tmp),
+                        ]
+                    )
                     if proc.returncode != 0:
                         raise EnvBuildError(f"uv venv failed: {_uv_error(proc)}")
             problem = _check_home(tmp, python)
@@ -651,7 +675,9 @@ def _build(
                 "extras": sorted(kept),
                 "dropped": dropped,
                 "requested_key": key,
-                "uv": subprocess.run([uv, "--version"], capture_output=True, text=True, check=False).stdout.strip(),
+                "uv": subprocess.run(
+                    [uv, "--version"], capture_output=True, text=True, check=False
+                ).stdout.strip(),
                 "python": str(python.executable),
                 "home": pyvenv_home(tmp),
                 "built_at": t0,
@@ -676,7 +702,12 @@ def _build(
     if dropped:
         _write_json(
             _failure_path(volume, key),
-            {"at": time.time(), "published_key": published_key, "dropped": dropped, "worker": settings.worker_id},
+            {
+                "at": time.time(),
+                "published_key": published_key,
+                "dropped": dropped,
+                "worker": settings.worker_id,
+            },
         )
     kept_t = tuple(e for e in settings.extras if e in kept)
     return EnvResult(published_key, final, final / "bin" / "python", not published, kept_t, dropped)
@@ -763,7 +794,14 @@ def _smoke(b: _Build, kept: list[str], dropped: dict[str, str]) -> tuple[list[st
         env.pop(name, None)
     env["PYTHONPATH"] = str(b.settings.app_dir)
     env["PYTHONDONTWRITEBYTECODE"] = "1"  # never write into the app dir or the env from here
-    cmd = [str(b.tmp / "bin" / "python"), "-m", "worker.smoke", "--project", str(b.settings.project_dir), *kept]
+    cmd = [
+        str(b.tmp / "bin" / "python"),
+        "-m",
+        "worker.smoke",
+        "--project",
+        str(b.settings.project_dir),
+        *kept,
+    ]
     b.timeline.log("$ " + " ".join(cmd))
     proc = subprocess.run(cmd, env=env, cwd=b.tmp, capture_output=True, text=True, timeout=600, check=False)
     try:
@@ -783,8 +821,7 @@ def _smoke(b: _Build, kept: list[str], dropped: dict[str, str]) -> tuple[list[st
     required = [c for c in failed if not b.settings.is_optional(c)]
     if required:
         raise EnvBuildError(
-            "capability "
-            + "; ".join(f"{c} does not import in the new env: {failed[c]}" for c in required),
+            "capability " + "; ".join(f"{c} does not import in the new env: {failed[c]}" for c in required),
             hint="a missing system library or module; list the capability in BOOTSTRAP_OPTIONAL to start "
             "without it, or fix the image or the lock",
         )

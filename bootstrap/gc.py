@@ -17,6 +17,7 @@ Removal renames first (an env disappears whole: a worker sees READY or nothing),
 Exit 0 always; what could not be removed is reported.
 """
 
+# ruff: noqa: PTH104 - rename/link/symlink of whole trees read clearer at the os level, as elsewhere in bootstrap
 from __future__ import annotations
 
 import contextlib
@@ -91,7 +92,9 @@ def live_lease_names(volume: Volume, ttl_s: float) -> set[str]:
     return live
 
 
-def collect(settings: Settings, volume: Volume, *, models: bool = False, now: float | None = None) -> list[Item]:
+def collect(
+    settings: Settings, volume: Volume, *, models: bool = False, now: float | None = None
+) -> list[Item]:
     """What gc would remove, with sizes and reasons. Reads only."""
     now = time.time() if now is None else now
     items: list[Item] = []
@@ -123,7 +126,9 @@ def collect(settings: Settings, volume: Volume, *, models: bool = False, now: fl
     if volume.quarantine.is_dir():
         for p in sorted(volume.quarantine.iterdir()):
             if now - _mtime(p) > QUARANTINE_KEEP_S:
-                items.append(Item("quarantine", p, tree_size(p) if p.is_dir() else _size(p), "old quarantine"))
+                items.append(
+                    Item("quarantine", p, tree_size(p) if p.is_dir() else _size(p), "old quarantine")
+                )
     if volume.leases.is_dir():
         for p in volume.leases.glob(".*.tmp"):
             if now - _mtime(p) > DEAD_BUILDER_S:
@@ -209,6 +214,8 @@ def run_gc(settings: Settings, *, dry_run: bool, models: bool, out: IO[str]) -> 
             f"{verb if ok else 'could not remove'} {item.kind} {item.path} ({item.bytes / 1e6:.1f} MB): {reason}",
             file=out,
         )
-    print(f"{'would free' if dry_run else 'freed'} {total / 1e9:.2f} GB ({total} bytes) in {len(items)} item(s)", file=out)
+    print(
+        f"{'would free' if dry_run else 'freed'} {total / 1e9:.2f} GB ({total} bytes) in {len(items)} item(s)",
+        file=out,
+    )
     return 0
-

@@ -20,6 +20,7 @@ uv's Python downloads (GitHub) or ``UV_PYTHON_INSTALL_MIRROR``, unreachable here
 the commands given to uv, the key and the layout, with an interpreter placed where uv puts one.
 """
 
+# ruff: noqa: PTH115, PTH211 - rename/link/symlink of whole trees read clearer at the os level, as elsewhere in bootstrap
 from __future__ import annotations
 
 import contextlib
@@ -41,7 +42,7 @@ from bootstrap.settings import Settings
 from bootstrap.volume import LAYOUT_DIR, POD_VOLUME, RUNPOD_VOLUME, Volume
 
 #: Where the stable aliases of volume roots live (container disk, same path everywhere).
-ALIAS_ROOT = Path("/tmp/bootstrap-volume")
+ALIAS_ROOT = Path("/tmp/bootstrap-volume")  # noqa: S108 - a fixed path is the point: it must be the same in every container
 VOLUME_ID_FILE = "volume-id"
 
 _IDENTITY = (
@@ -186,7 +187,9 @@ def probe(executable: Path, environ: Mapping[str, str] | None = None) -> dict[st
     return data if isinstance(data, dict) else {}
 
 
-def managed_interpreter(volume_root: Path, request: str, *, alias_root: Path = ALIAS_ROOT) -> Interpreter | None:
+def managed_interpreter(
+    volume_root: Path, request: str, *, alias_root: Path = ALIAS_ROOT
+) -> Interpreter | None:
     """The managed interpreter already on the volume (None if not installed), via the alias."""
     exe = find_managed(volume_root, request)
     if exe is None:

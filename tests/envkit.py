@@ -47,7 +47,9 @@ def make_wheel(
     )
     entries: dict[str, str | bytes] = dict(files)
     entries[f"{info}/METADATA"] = meta
-    entries[f"{info}/WHEEL"] = "Wheel-Version: 1.0\nGenerator: envkit\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
+    entries[f"{info}/WHEEL"] = (
+        "Wheel-Version: 1.0\nGenerator: envkit\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
+    )
     if scripts:
         entries[f"{info}/entry_points.txt"] = "[console_scripts]\n" + "".join(
             f"{k} = {v}\n" for k, v in scripts.items()
@@ -72,22 +74,40 @@ def make_wheelhouse(wheelhouse: Path, *, big_bytes: int = 3_000_000, seed: int =
         wheelhouse,
         "alpha",
         "1.0",
-        {"alpha/__init__.py": "VERSION = '1.0'\n\ndef main():\n    print('alpha-cli ok')\n",
-         "alpha/__main__.py": "from alpha import main\nmain()\n"},
+        {
+            "alpha/__init__.py": "VERSION = '1.0'\n\ndef main():\n    print('alpha-cli ok')\n",
+            "alpha/__main__.py": "from alpha import main\nmain()\n",
+        },
         scripts={"alpha-cli": "alpha:main"},
     )
-    make_wheel(wheelhouse, "alpha", "2.0", {"alpha/__init__.py": "VERSION = '2.0'\n\ndef main():\n    print('alpha-cli ok')\n",
-                                            "alpha/__main__.py": "from alpha import main\nmain()\n"},
-               scripts={"alpha-cli": "alpha:main"})
-    make_wheel(wheelhouse, "beta", "1.0", {"beta/__init__.py": "import alpha\nVALUE = 42\n",
-                                           **{f"beta/mod{i}.py": f"X = {i}\n" * 50 for i in range(20)}},
-               deps=("alpha",))
+    make_wheel(
+        wheelhouse,
+        "alpha",
+        "2.0",
+        {
+            "alpha/__init__.py": "VERSION = '2.0'\n\ndef main():\n    print('alpha-cli ok')\n",
+            "alpha/__main__.py": "from alpha import main\nmain()\n",
+        },
+        scripts={"alpha-cli": "alpha:main"},
+    )
+    make_wheel(
+        wheelhouse,
+        "beta",
+        "1.0",
+        {
+            "beta/__init__.py": "import alpha\nVALUE = 42\n",
+            **{f"beta/mod{i}.py": f"X = {i}\n" * 50 for i in range(20)},
+        },
+        deps=("alpha",),
+    )
     make_wheel(wheelhouse, "gamma", "1.0", {"gamma/__init__.py": "OK = True\n"})
     make_wheel(
         wheelhouse,
         "delta",
         "1.0",
-        {"delta/__init__.py": "raise ImportError('libGL.so.1: cannot open shared object file: No such file or directory')\n"},
+        {
+            "delta/__init__.py": "raise ImportError('libGL.so.1: cannot open shared object file: No such file or directory')\n"
+        },
     )
     payload = random.Random(seed).randbytes(big_bytes)
     make_wheel(wheelhouse, "bulk", "1.0", {"bulk/__init__.py": "", "bulk/data.bin": payload})
@@ -168,7 +188,11 @@ def env_environ(volume: Path, project: Path, **overrides: str) -> dict[str, str]
 def published_envs(volume: Path) -> list[Path]:
     """Every published env dir (not temp, trash or records)."""
     envs = volume / ".bootstrap" / "envs"
-    return sorted(p for p in envs.iterdir() if p.is_dir() and not p.name.startswith(".")) if envs.is_dir() else []
+    return (
+        sorted(p for p in envs.iterdir() if p.is_dir() and not p.name.startswith("."))
+        if envs.is_dir()
+        else []
+    )
 
 
 def leftovers(volume: Path) -> list[Path]:
@@ -182,7 +206,9 @@ def check_env_works(env_dir: Path, extras: tuple[str, ...] = ("calc",)) -> None:
     mods = ["alpha", *(["beta"] if "calc" in extras else [])]
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     subprocess.run([str(py), "-c", "import " + ",".join(mods)], check=True, env=env, capture_output=True)
-    out = subprocess.run([str(env_dir / "bin" / "alpha-cli")], check=True, env=env, capture_output=True, text=True)
+    out = subprocess.run(
+        [str(env_dir / "bin" / "alpha-cli")], check=True, env=env, capture_output=True, text=True
+    )
     assert out.stdout.strip() == "alpha-cli ok", out
     out = subprocess.run([str(py), "-m", "alpha"], check=True, env=env, capture_output=True, text=True)
     assert out.stdout.strip() == "alpha-cli ok", out

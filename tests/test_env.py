@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 from pathlib import Path
 
 import pytest
@@ -45,7 +44,11 @@ def _snapshot(tree: Path) -> dict[str, tuple[int, int, str]]:
     for p in sorted(tree.rglob("*")):
         if p.is_file() and not p.is_symlink():
             st = p.stat()
-            out[str(p.relative_to(tree))] = (st.st_ino, st.st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
+            out[str(p.relative_to(tree))] = (
+                st.st_ino,
+                st.st_mtime_ns,
+                hashlib.sha256(p.read_bytes()).hexdigest(),
+            )
     return out
 
 
@@ -61,7 +64,9 @@ def test_key_covers_lock_extras_and_interpreter(project: Path, tmp_path: Path) -
     key = envmod.env_key(inputs)
     assert key == envmod.env_key(envmod.key_inputs(s, ("calc",)))
     assert key != envmod.env_key(envmod.key_inputs(s, ("calc", "big")))
-    assert envmod.env_key(envmod.key_inputs(s, ("big", "calc"))) == envmod.env_key(envmod.key_inputs(s, ("calc", "big")))
+    assert envmod.env_key(envmod.key_inputs(s, ("big", "calc"))) == envmod.env_key(
+        envmod.key_inputs(s, ("calc", "big"))
+    )
     other = dict(inputs, python=dict(inputs["python"], version="3.11.8"))
     assert envmod.env_key(other) != key
 
@@ -72,7 +77,10 @@ def test_estimate_counts_the_wheels_of_the_selected_extras(project: Path) -> Non
     big, n_big = envmod.estimate_install_bytes(lock, ("big",))
     assert n_base == 1 and n_big == 2
     wheel = next((project.parent / "wheels").glob("bulk-*.whl")).stat().st_size
-    assert big - base == int(wheel * envmod.INSTALL_FACTOR) or abs(big - base - wheel * envmod.INSTALL_FACTOR) < 2
+    assert (
+        big - base == int(wheel * envmod.INSTALL_FACTOR)
+        or abs(big - base - wheel * envmod.INSTALL_FACTOR) < 2
+    )
 
 
 def test_estimate_reads_registry_sizes_for_this_platform() -> None:
@@ -139,7 +147,9 @@ def test_ready_env_with_wrong_home_is_set_aside_and_rebuilt(project: Path, volum
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert env_end(proc.stdout)["reused"] is False
     assert envmod.pyvenv_home(final) == str(Path(json.loads((final / "READY").read_text())["python"]).parent)
-    assert [p.name.startswith(envmod.BROKEN_PREFIX) for p in (volume / ".bootstrap" / "envs").iterdir()].count(True) == 1
+    assert [
+        p.name.startswith(envmod.BROKEN_PREFIX) for p in (volume / ".bootstrap" / "envs").iterdir()
+    ].count(True) == 1
 
 
 # -- disk ---------------------------------------------------------------------------------------
@@ -174,7 +184,9 @@ def env_events_of(stdout: str) -> list[dict[str, object]]:
 
 @pytest.mark.slow
 def test_optional_capability_that_does_not_install_is_dropped(project: Path, volume: Path) -> None:
-    proc = _boot(volume, project, BOOTSTRAP_EXTRAS="calc,broken", BOOTSTRAP_OPTIONAL="broken", BOOTSTRAP_WORKER_ID="w1")
+    proc = _boot(
+        volume, project, BOOTSTRAP_EXTRAS="calc,broken", BOOTSTRAP_OPTIONAL="broken", BOOTSTRAP_WORKER_ID="w1"
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     detail = env_end(proc.stdout)
     assert detail["dropped"] == ["broken"] and detail["reused"] is False
@@ -190,16 +202,24 @@ def test_optional_capability_that_does_not_install_is_dropped(project: Path, vol
     check_env_works(final)
     assert not list(final.glob("lib/python*/site-packages/gamma*"))
     # within 10 minutes the next boot reuses the degraded env (and says what is missing)
-    again = _boot(volume, project, BOOTSTRAP_EXTRAS="calc,broken", BOOTSTRAP_OPTIONAL="broken", BOOTSTRAP_WORKER_ID="w2")
+    again = _boot(
+        volume, project, BOOTSTRAP_EXTRAS="calc,broken", BOOTSTRAP_OPTIONAL="broken", BOOTSTRAP_WORKER_ID="w2"
+    )
     assert again.returncode == 0
     d2 = env_end(again.stdout)
-    assert d2["reused"] is True and d2["dropped"] == ["broken"] and d2["published_key"] == detail["published_key"]
+    assert (
+        d2["reused"] is True
+        and d2["dropped"] == ["broken"]
+        and d2["published_key"] == detail["published_key"]
+    )
     # after the retry interval the full set is tried again (and fails again, reusing the same env)
     record = volume / ".bootstrap" / "envs" / f"{envmod.FAILED_PREFIX}{detail['key']}.json"
     data = json.loads(record.read_text())
     data["at"] -= envmod.RETRY_FULL_AFTER_S + 1
     record.write_text(json.dumps(data))
-    third = _boot(volume, project, BOOTSTRAP_EXTRAS="calc,broken", BOOTSTRAP_OPTIONAL="broken", BOOTSTRAP_WORKER_ID="w3")
+    third = _boot(
+        volume, project, BOOTSTRAP_EXTRAS="calc,broken", BOOTSTRAP_OPTIONAL="broken", BOOTSTRAP_WORKER_ID="w3"
+    )
     assert third.returncode == 0
     assert "uv sync --frozen" in _boot_log(volume, "w3")
     assert env_end(third.stdout)["dropped"] == ["broken"]
@@ -207,7 +227,9 @@ def test_optional_capability_that_does_not_install_is_dropped(project: Path, vol
 
 
 @pytest.mark.slow
-def test_required_capability_that_does_not_install_exits_12_with_uvs_message(project: Path, volume: Path) -> None:
+def test_required_capability_that_does_not_install_exits_12_with_uvs_message(
+    project: Path, volume: Path
+) -> None:
     proc = _boot(volume, project, BOOTSTRAP_EXTRAS="calc,broken", BOOTSTRAP_WORKER_ID="w1")
     assert proc.returncode == 12, proc.stderr[-3000:]
     log = _boot_log(volume, "w1")
@@ -218,7 +240,13 @@ def test_required_capability_that_does_not_install_exits_12_with_uvs_message(pro
 
 @pytest.mark.slow
 def test_capability_whose_import_fails_degrades_or_exits_12(project: Path, volume: Path) -> None:
-    proc = _boot(volume, project, BOOTSTRAP_EXTRAS="calc,noimport", BOOTSTRAP_OPTIONAL="noimport", BOOTSTRAP_WORKER_ID="w1")
+    proc = _boot(
+        volume,
+        project,
+        BOOTSTRAP_EXTRAS="calc,noimport",
+        BOOTSTRAP_OPTIONAL="noimport",
+        BOOTSTRAP_WORKER_ID="w1",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     detail = env_end(proc.stdout)
     assert detail["dropped"] == ["noimport"]
@@ -254,7 +282,13 @@ def test_one_package_change_clones_the_previous_env_without_touching_it(project:
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     import subprocess
 
-    out = subprocess.run([str(new / "bin" / "python"), "-c", "import alpha; print(alpha.VERSION)"], env=env, capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [str(new / "bin" / "python"), "-c", "import alpha; print(alpha.VERSION)"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert out.stdout.strip() == "2.0"
     # unchanged packages are shared by hard link, bytecode included
     site_old = next(old.glob("lib/python*/site-packages"))
@@ -319,7 +353,12 @@ def test_managed_env_is_valid_under_either_mount_path(project: Path, tmp_path: P
 @pytest.mark.slow
 def test_real_project_base_env_builds_then_is_reused(volume: Path) -> None:
     seed_uv_cache(volume)
-    env = base_environ(BOOTSTRAP_VOLUME=str(volume), BOOTSTRAP_EXTRAS="", BOOTSTRAP_WORKER_ID="real", BOOTSTRAP_MIN_FREE_GB="0")
+    env = base_environ(
+        BOOTSTRAP_VOLUME=str(volume),
+        BOOTSTRAP_EXTRAS="",
+        BOOTSTRAP_WORKER_ID="real",
+        BOOTSTRAP_MIN_FREE_GB="0",
+    )
     proc = run_bootstrap(UNTIL_ENV, env, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     first = env_end(proc.stdout)

@@ -61,7 +61,9 @@ def test_eight_workers_at_once_build_once(project: Path, volume: Path) -> None:
     for i in range(8):
         log = (volume / ".bootstrap" / "logs" / f"w{i}" / "boot.jsonl").read_text().splitlines()
         waits += [json.loads(x) for x in log if '"wait"' in x]
-    assert waits and all(str(w["detail"].get("owner", "")).startswith("w") for w in waits if "owner" in w["detail"])
+    assert waits and all(
+        str(w["detail"].get("owner", "")).startswith("w") for w in waits if "owner" in w["detail"]
+    )
     assert not list((volume / ".bootstrap" / "leases").glob("*.lease"))
 
 
@@ -81,10 +83,17 @@ def test_eight_workers_without_locks_publish_exactly_one_env(project: Path, volu
 
 
 @pytest.mark.slow
-def test_builder_killed_at_random_instants_never_leaves_a_usable_half_env(project: Path, volume: Path) -> None:
+def test_builder_killed_at_random_instants_never_leaves_a_usable_half_env(
+    project: Path, volume: Path
+) -> None:
     rng = random.Random(SEED)
     # A timed build (warm uv cache, as every later one) gives the window kill instants come from.
-    assert run_bootstrap(UNTIL_ENV, env_environ(volume, project, BOOTSTRAP_WORKER_ID="cold"), timeout=300).returncode == 0
+    assert (
+        run_bootstrap(
+            UNTIL_ENV, env_environ(volume, project, BOOTSTRAP_WORKER_ID="cold"), timeout=300
+        ).returncode
+        == 0
+    )
     (final,) = published_envs(volume)
     envmod.remove_tree(final)
     t0 = time.monotonic()

@@ -86,7 +86,9 @@ def _layout(volume: Path, manifest: Path) -> dict[str, Path]:
 def test_gc_dry_run_lists_then_gc_removes_only_what_no_one_uses(tmp_path: Path, volume: Path) -> None:
     manifest = tmp_path / "models.toml"
     p = _layout(volume, manifest)
-    environ = base_environ(BOOTSTRAP_VOLUME=str(volume), BOOTSTRAP_MANIFEST=str(manifest), BOOTSTRAP_EXTRAS="calc")
+    environ = base_environ(
+        BOOTSTRAP_VOLUME=str(volume), BOOTSTRAP_MANIFEST=str(manifest), BOOTSTRAP_EXTRAS="calc"
+    )
     dry = run_bootstrap(["gc", "--dry-run", "--models"], environ)
     assert dry.returncode == 0, dry.stderr
     out = dry.stdout
@@ -107,8 +109,14 @@ def test_gc_dry_run_lists_then_gc_removes_only_what_no_one_uses(tmp_path: Path, 
 
     models = run_bootstrap(["gc", "--models"], environ)
     assert models.returncode == 0, models.stderr
-    assert not p["gone"].exists() and not (volume / ".bootstrap" / "models" / ".verified" / "gone.onnx.json").exists()
-    assert p["listed"].exists() and (volume / ".bootstrap" / "models" / ".verified" / "listed.onnx.json").exists()
+    assert (
+        not p["gone"].exists()
+        and not (volume / ".bootstrap" / "models" / ".verified" / "gone.onnx.json").exists()
+    )
+    assert (
+        p["listed"].exists()
+        and (volume / ".bootstrap" / "models" / ".verified" / "listed.onnx.json").exists()
+    )
 
 
 def test_gc_on_an_empty_volume_exits_0(volume: Path) -> None:

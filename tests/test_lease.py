@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -44,15 +45,16 @@ class Events:
         self.items.append((phase, event, dict(detail or {})))
 
 
-def _holder(leases_dir: Path, owner: str, *, host: str = "-", ttl: float = 2.0, hold: float = 3600, log: str = "-") -> subprocess.Popen[str]:
-    proc = subprocess.Popen(
+def _holder(
+    leases_dir: Path, owner: str, *, host: str = "-", ttl: float = 2.0, hold: float = 3600, log: str = "-"
+) -> subprocess.Popen[str]:
+    return subprocess.Popen(
         [sys.executable, "-c", HOLDER, str(leases_dir), owner, host, str(ttl), str(hold), log],
         cwd=REPO,
         stdout=subprocess.PIPE,
         text=True,
         start_new_session=True,
     )
-    return proc
 
 
 def _wait_held(proc: subprocess.Popen[str]) -> None:
@@ -69,7 +71,9 @@ def test_holder_on_another_host_killed_is_taken_over_within_ttl(tmp_path: Path) 
     holder.wait()
     events = Events()
     t0 = time.monotonic()
-    got = lease.acquire(tmp_path, "env-x", owner="me:2", ttl_s=ttl, timeout_s=30, timeline=events, poll_s=0.05)
+    got = lease.acquire(
+        tmp_path, "env-x", owner="me:2", ttl_s=ttl, timeout_s=30, timeline=events, poll_s=0.05
+    )
     took = time.monotonic() - t0
     assert got is not None
     try:
@@ -78,7 +82,9 @@ def test_holder_on_another_host_killed_is_taken_over_within_ttl(tmp_path: Path) 
         assert lease.read_lease(lease.lease_path(tmp_path, "env-x"))["owner"] == "me:2"
         took_over = [d for _p, e, d in events.items if e == "wait" and "took_over_from" in d]
         assert took_over and took_over[0]["took_over_from"] == "remote:1"
-        assert any(d.get("owner") == "remote:1" and d.get("host") == "other-host" for _p, _e, d in events.items)
+        assert any(
+            d.get("owner") == "remote:1" and d.get("host") == "other-host" for _p, _e, d in events.items
+        )
     finally:
         got.release()
     assert not lease.lease_path(tmp_path, "env-x").exists()
@@ -102,7 +108,9 @@ def test_live_holder_is_waited_for_then_exit_14(tmp_path: Path) -> None:
         events = Events()
         t0 = time.monotonic()
         with pytest.raises(LockTimeoutError) as err:
-            lease.acquire(tmp_path, "env-x", owner="me:2", ttl_s=1.0, timeout_s=3.0, timeline=events, poll_s=0.05)
+            lease.acquire(
+                tmp_path, "env-x", owner="me:2", ttl_s=1.0, timeout_s=3.0, timeline=events, poll_s=0.05
+            )
         assert 3.0 <= time.monotonic() - t0 < 8
         assert err.value.exit_code == 14
         assert "busy:1" in err.value.message and "other-host" in err.value.message
@@ -130,14 +138,16 @@ def test_racing_takers_of_a_stale_lease_never_hold_it_together(tmp_path: Path) -
     path = lease.lease_path(tmp_path, "env-x")
     path.write_text(json.dumps({"owner": "gone:1", "host": "gone-host", "pid": 1, "token": "old"}))
     log = tmp_path / "holds.jsonl"
-    procs = [_holder(tmp_path, f"racer{i}:1", host=f"host{i}", ttl=1.0, hold=1.0, log=str(log)) for i in range(6)]
+    procs = [
+        _holder(tmp_path, f"racer{i}:1", host=f"host{i}", ttl=1.0, hold=1.0, log=str(log)) for i in range(6)
+    ]
     for p in procs:
         _wait_held(p)
         p.wait(timeout=120)
         assert p.returncode == 0
     holds = sorted((json.loads(x) for x in log.read_text().splitlines()), key=lambda h: h["start"])
     assert len(holds) == 6
-    for a, b in zip(holds, holds[1:], strict=False):
+    for a, b in itertools.pairwise(holds):
         assert b["start"] >= a["end"], f"{a['owner']} and {b['owner']} held the lease together"
     assert not any(h["lost"] for h in holds)
 
@@ -175,13 +185,28 @@ def test_boot_waiting_on_a_live_builder_exits_14_after_the_lock_timeout(tmp_path
     project = fixture_project(tmp_path / "fx")
     volume = tmp_path / "vol"
     volume.mkdir()
-    environ = env_environ(volume, project, BOOTSTRAP_LOCK_TIMEOUT_S="3", BOOTSTRAP_LEASE_TTL_S="2", BOOTSTRAP_WORKER_ID="late")
+    environ = env_environ(
+        volume, project, BOOTSTRAP_LOCK_TIMEOUT_S="3", BOOTSTRAP_LEASE_TTL_S="2", BOOTSTRAP_WORKER_ID="late"
+    )
     key = envmod.env_key(envmod.key_inputs(Settings.from_env(environ), ("calc",)))
     leases_dir = volume / ".bootstrap" / "leases"
     leases_dir.mkdir(parents=True)
     holder = subprocess.Popen(
-        [sys.executable, "-c", HOLDER.replace('"env-x"', f'"env-{key}"'), str(leases_dir), "builder:7", "other-host", "2", "3600", "-"],
-        cwd=REPO, stdout=subprocess.PIPE, text=True, start_new_session=True,
+        [
+            sys.executable,
+            "-c",
+            HOLDER.replace('"env-x"', f'"env-{key}"'),
+            str(leases_dir),
+            "builder:7",
+            "other-host",
+            "2",
+            "3600",
+            "-",
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
     )
     _wait_held(holder)
     try:
