@@ -691,3 +691,49 @@ def test_region_paste_back_matches_insightface_full_picture_paste_back(
     assert changed > 1000
     assert diff.max() <= 1  # float rounding of the shifted transform, nothing more
     assert (diff > 0).sum() < changed * 0.01
+
+
+def test_https_still_verifies_the_certificate_of_the_checked_address(
+    pipe: faceswap.FaceSwap, server: ImageServer, tmp_path: Path
+) -> None:
+    """The connection goes to the pinned address, but TLS still checks the certificate against
+    the URL's host: a self-signed server is refused."""
+    import ssl
+    import subprocess
+
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=images.example",
+            "-days",
+            "1",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert, key)
+    server.add("/src.png", encode(picture(200, 200, SOURCE_FACES)))
+    tls = ImageServer()
+    tls.routes.update(server.routes)
+    tls.server.socket = ctx.wrap_socket(tls.server.socket, server_side=True)
+    public = _public_loopback(pipe, {"images.example": ["127.0.0.1"]})
+    good = b64(encode(picture(100, 100, [])))
+    try:
+        with pytest.raises(faceswap.JobError) as info:
+            public.run({"source_url": f"https://images.example:{tls.port}/src.png", "target_image": good})
+    finally:
+        tls.close()
+    assert info.value.code == "FETCH_FAILED"
+    assert "CERTIFICATE_VERIFY_FAILED" in info.value.message
