@@ -5,8 +5,9 @@ builds the environment (face-swap extras by default) and fetches and verifies a 
 from a ``file://`` source. Then, interleaved so drift hits both alike, it times
 `bootstrap diagnose --json` (every section: a volume write/speed probe, the env's Python run
 twice — identity and the onnxruntime session probe — sizes, leases, weights, last boot) and
-`bootstrap explain 0` (the floor: an interpreter plus importing bootstrap's CLI), and prints the
-medians, their ratio and each section's own time from one in-process run.
+`bootstrap explain 0` (the floor: an interpreter plus importing bootstrap's CLI), and the same
+diagnose on a broken variant (a required model missing: exit 3), and prints the medians, the
+ratio to the floor and each section's own time from one in-process run.
 
     python -m uv run python benchmarks/bench_diagnose.py [--repeat 7] [--extras faceswap]
 """
@@ -78,10 +79,19 @@ def main() -> None:
         report = json.loads(out)
         if report["status"] == "broken":
             raise SystemExit(f"the warm volume is not healthy:\n{json.dumps(report, indent=2)[:4000]}")
-        runs, floor = [], []
+        # The same volume seen with a manifest that also lists a required model it does not hold.
+        broken_manifest = Path(tmp) / "broken.toml"
+        broken_manifest.write_text(
+            manifest.read_text()
+            + f'\n[[file]]\ndest = "bench/missing.onnx"\nsource = "{(Path(tmp) / "nowhere.onnx").as_uri()}"\n'
+            f'format = "onnx"\ncapability = "{cap}"\n'
+        )
+        broken_env = {**env, "BOOTSTRAP_MANIFEST": str(broken_manifest)}
+        runs, floor, broken = [], [], []
         for _ in range(args.repeat):
             runs.append(timed([*boot, "diagnose", "--json"], env)[0])
             floor.append(timed([*boot, "explain", "0"], env)[0])
+            broken.append(timed([*boot, "diagnose", "--json"], broken_env, ok=(3,))[0])
         t0 = time.perf_counter()
         inproc = dg.collect(Settings.from_env(env))
         inproc_s = time.perf_counter() - t0
@@ -95,6 +105,10 @@ def main() -> None:
         f"`bootstrap diagnose --json` median of {args.repeat}: {med * 1000:8.1f} ms "
         f"(min {min(runs) * 1000:.1f}, max {max(runs) * 1000:.1f})  target < 2000 ms: "
         f"{'met' if med < 2 else 'MISSED'}"
+    )
+    print(
+        f"`bootstrap diagnose --json` on the same volume with a required model missing (exit 3): "
+        f"median {statistics.median(broken) * 1000:.1f} ms"
     )
     print(f"`bootstrap explain 0` (interpreter + CLI import floor): {base * 1000:8.1f} ms")
     print(f"ratio diagnose / floor: {med / base:.1f}x")

@@ -755,7 +755,7 @@ def check_env(ctx: Context) -> list[Check]:
                 "ready",
                 Status.OK,
                 f"{final} is READY: {when} by {ready.get('builder', '?')} in {ready.get('build_s', '?')} s, "
-                f"{ready.get('uv', 'uv ?')}; {_size_text(_dir_size(final, deadline), o.size_budget_s)}",
+                f"{ready.get('uv', 'uv ?')}",
             )
         )
         checks.append(_interpreter_check(ctx, final, expected))
