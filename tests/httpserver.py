@@ -89,6 +89,7 @@ class _State:
     lock: threading.Lock = field(default_factory=threading.Lock)
     sha_cache: dict[tuple[str, int, int], str] = field(default_factory=dict)
     conn_counter: int = 0
+    sig: int = 0
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -116,6 +117,11 @@ class _Handler(BaseHTTPRequestHandler):
                 fault.used += 1
                 return fault
         return None
+
+    def _next_sig(self) -> int:
+        with self.state.lock:
+            self.state.sig += 1
+            return self.state.sig
 
     def _record(self, path: str, status: int, sent: int, fault: Fault | None) -> None:
         with self.state.lock:
@@ -188,7 +194,8 @@ class _Handler(BaseHTTPRequestHandler):
                 "X-Linked-Size": str(file.stat().st_size),
                 "X-Linked-Etag": f'"{sha}"',
                 "ETag": f'"{sha}"',
-                "Location": f"http://{host}/cdn/{org}/{repo}/{rel}",
+                # Signed like a real CDN URL: a new signature each time it is resolved.
+                "Location": f"http://{host}/cdn/{org}/{repo}/{rel}?sig={self._next_sig()}",
                 "Accept-Ranges": "bytes",
             }
             self._plain(logical, 302, b"", fault, headers)

@@ -442,6 +442,29 @@ def test_hf_wrong_sha_in_headers_is_detected(tmp_path: Path) -> None:
         assert len(boot.quarantined()) == 1
 
 
+def test_expired_cdn_url_is_resolved_again(tmp_path: Path) -> None:
+    root = tmp_path / "hub"
+    (root / "org" / "repo").mkdir(parents=True)
+    (root / "org" / "repo" / "m.onnx").write_bytes(MODEL)
+    with FaultServer(root, hf=True) as hub:
+        hub.fault("org/repo/m.onnx", "status", status=403, times=1, methods=("GET",))
+        boot = Boot(tmp_path, entry("m/m.onnx", f"hf://org/repo/m.onnx?revision={PIN}"), HF_ENDPOINT=hub.url)
+        boot.run()
+        assert_published(boot)
+        heads = hub.requests("org/repo/m.onnx", method="HEAD")
+        assert len([r for r in heads if r.status == 302]) == 2  # the probe, then the refresh
+
+
+def test_a_new_revision_in_the_manifest_fetches_again(tmp_path: Path, server: FaultServer) -> None:
+    boot = Boot(tmp_path, entry("m/m.onnx", f"{server.url}/m.onnx"))
+    boot.run()
+    other = onnx_bytes(1000, seed=9)
+    (server.root / "m2.onnx").write_bytes(other)
+    boot.manifest.write_text(entry("m/m.onnx", f"{server.url}/m2.onnx"))
+    boot.run()
+    assert_published(boot, data=other)
+
+
 def test_file_source_and_directory_mirror(tmp_path: Path) -> None:
     src = tmp_path / "src.onnx"
     src.write_bytes(MODEL)

@@ -354,6 +354,7 @@ def _from_source(ctx: _Context, f: ModelFile, source: Source, *, fresh: bool) ->
     record: dict[str, Any] = {
         "dest": f.published_dest,
         "source": source.label,
+        "manifest_source": f.source,
         "size": result.size,
         "sha256": result.sha256,
         "sha256_from": "manifest" if f.sha256 else ("source" if probe.sha256 else "computed"),

@@ -49,6 +49,12 @@ def check_verified(volume: Volume, f: ModelFile) -> str | None:
         return "its .verified record is unreadable"
     if not isinstance(record, dict):
         return "its .verified record is unreadable"
+    # A manifest that now names other bytes (a new revision, a pinned sha256) fetches again.
+    if record.get("manifest_source") not in (None, f.source):
+        return "the manifest names another source than the verified copy came from"
+    pinned = record.get("zip", {}).get("sha256") if f.format == "zip" else record.get("sha256")
+    if f.sha256 and pinned != f.sha256:
+        return f"the manifest pins sha256 {f.sha256}, the verified copy has {pinned}"
     target = volume.models / f.published_dest
     if f.format == "zip":
         files = record.get("files")

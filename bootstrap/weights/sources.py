@@ -226,6 +226,11 @@ class HTTPConnection:
         resp.read()
         if resp.will_close:
             self.close()
+        if resp.status in (401, 403, 410) and self.source.data_url not in (None, self.source.url):
+            # A signed CDN URL (GitHub release assets, the Hub's LFS files) expired mid-download:
+            # resolve the original URL again and retry once on the fresh one.
+            if self.source.refresh(url):
+                raise Transient(f"{self.source.label}: the redirect target expired; resolved it again")
         raise err
 
     def close(self) -> None:
@@ -255,6 +260,7 @@ class HTTPSource:
         #: where GETs go after the probe followed redirects (a CDN for Hub LFS files)
         self.data_url: str | None = None
         self.size: int | None = None
+        self._refresh_lock = threading.Lock()
 
     def headers_for(self, url: str, extra: dict[str, str]) -> dict[str, str]:
         headers = {"User-Agent": USER_AGENT, "Accept-Encoding": "identity", **extra}
@@ -299,6 +305,21 @@ class HTTPSource:
             return Probe(size=size, sha256=sha, etag=etag)
         finally:
             conn.close()
+
+    def refresh(self, stale: str) -> bool:
+        """Re-resolve the redirect target after ``stale`` failed; True if it changed."""
+        with self._refresh_lock:
+            if self.data_url != stale:
+                return True  # another thread already refreshed it
+            old_size = self.size
+            try:
+                self.probe()
+            except (Transient, SourceFailed):
+                return False
+            if self.size != old_size:
+                self.size = old_size
+                return False
+            return self.data_url != stale
 
     def _probe_by_get(self, conn: HTTPConnection, url: str) -> Probe:
         self.data_url = url
