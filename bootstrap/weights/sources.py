@@ -226,11 +226,11 @@ class HTTPConnection:
         resp.read()
         if resp.will_close:
             self.close()
-        if resp.status in (401, 403, 410) and self.source.data_url not in (None, self.source.url):
-            # A signed CDN URL (GitHub release assets, the Hub's LFS files) expired mid-download:
-            # resolve the original URL again and retry once on the fresh one.
-            if self.source.refresh(url):
-                raise Transient(f"{self.source.label}: the redirect target expired; resolved it again")
+        # A signed CDN URL (GitHub release assets, the Hub's LFS files) that expired mid-download:
+        # resolve the original URL again and retry on the fresh one.
+        expired = resp.status in (401, 403, 410) and self.source.data_url not in (None, self.source.url)
+        if expired and self.source.refresh(url):
+            raise Transient(f"{self.source.label}: the redirect target expired; resolved it again")
         raise err
 
     def close(self) -> None:
