@@ -65,11 +65,19 @@ def read_lease(path: Path) -> dict[str, Any] | None:
 def _observe(path: Path) -> tuple[int, int, int, bytes] | None:
     """What a waiter compares between polls: inode, mtime, size and the bytes."""
     try:
-        st = os.stat(path)
+        st = os.stat(path)  # noqa: PTH116 - one stat, compared as a tuple
         content = path.read_bytes()
     except FileNotFoundError:
         return None
     return (st.st_ino, st.st_mtime_ns, st.st_size, content)
+
+
+def _pid_namespace() -> str:
+    """This process's pid namespace (containers on one host may share a hostname, not pids)."""
+    try:
+        return str(os.stat("/proc/self/ns/pid").st_ino)  # noqa: PTH116 - a /proc handle, not a project path
+    except OSError:
+        return ""
 
 
 def _pid_alive(pid: int) -> bool:
@@ -135,6 +143,11 @@ class Lease:
         self._thread.start()
 
     def release(self) -> None:
+        """Stop the heartbeat and remove the lease if it is still ours.
+
+        The check and the unlink are two steps: a taker slipping in between (possible only if we
+        stalled past the TTL) loses its lease, which costs duplicated work, never correctness.
+        """
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
@@ -156,6 +169,7 @@ def _new_record(name: str, owner: str) -> dict[str, Any]:
         "owner": owner,
         "host": socket.gethostname(),
         "pid": os.getpid(),
+        "pidns": _pid_namespace(),
         "started": now,
         "renewed": now,
         "token": uuid.uuid4().hex,
@@ -247,8 +261,10 @@ def acquire(
         if current != observed:
             observed, unchanged_since = current, now
         holder = read_lease(path) or {}
+        # A dead pid proves a dead holder only in our own pid namespace on our own host.
         dead_here = (
             holder.get("host") == record["host"]
+            and holder.get("pidns", record["pidns"]) == record["pidns"]
             and isinstance(holder.get("pid"), int)
             and holder["pid"] != os.getpid()
             and not _pid_alive(holder["pid"])

@@ -221,3 +221,23 @@ def test_boot_waiting_on_a_live_builder_exits_14_after_the_lock_timeout(tmp_path
     assert waits and waits[0]["detail"]["owner"] == "builder:7"
     fail = [e for e in events if e.get("event") == "fail"]
     assert fail and fail[0]["detail"]["name"] == "LOCK"
+
+
+def test_same_hostname_in_another_pid_namespace_waits_for_the_ttl(tmp_path: Path) -> None:
+    # Two containers may share a hostname; their pids mean nothing to each other.
+    import socket
+
+    path = lease.lease_path(tmp_path, "env-x")
+    record = {
+        "owner": "twin:1",
+        "host": socket.gethostname(),
+        "pid": 999_999,
+        "pidns": "another",
+        "token": "t",
+    }
+    path.write_text(json.dumps(record))
+    t0 = time.monotonic()
+    got = lease.acquire(tmp_path, "env-x", owner="me", ttl_s=1.5, timeout_s=10, poll_s=0.05)
+    assert got is not None
+    assert time.monotonic() - t0 >= 1.4
+    got.release()
