@@ -77,6 +77,8 @@ class Request:
     sent: int
     conn: int
     fault: str | None = None
+    #: the request carried an Authorization header (its value is never logged)
+    auth: bool = False
 
 
 @dataclass
@@ -134,6 +136,7 @@ class _Handler(BaseHTTPRequestHandler):
                     sent,
                     self.conn_id,
                     fault.kind if fault else None,
+                    "Authorization" in self.headers,
                 )
             )
 

@@ -188,6 +188,17 @@ def test_progress_events(tmp_path: Path, server: FaultServer) -> None:
     assert progress[-1]["detail"]["bytes"] == len(MODEL)
 
 
+def test_progress_bar_on_a_terminal() -> None:
+    from bootstrap.weights.progress import Progress
+
+    out = io.StringIO()
+    progress = Progress(None, stream=out, tty=True)
+    progress.expect(2_000_000)
+    progress.add(1_000_000)
+    progress.emit()
+    assert out.getvalue().startswith("\rweights [###############...............]  50.0% 1/2 MB")
+
+
 # -- faults that must be survived --------------------------------------------------------------
 
 
@@ -427,6 +438,10 @@ def test_hf_source_through_hf_endpoint(tmp_path: Path) -> None:
         assert rec["source"] == f"hf://org/repo/sub/m.onnx?revision={PIN}"
         assert "hf_secret_token_value" not in boot.stream.getvalue()
         assert "hf_secret_token_value" not in json.dumps(rec)
+        # The token goes to the Hub, never to the CDN it redirects to.
+        rows = hub.requests("org/repo/sub/m.onnx")
+        assert all(r.auth for r in rows if r.status == 302)
+        assert not any(r.auth for r in rows if r.method == "GET")
 
 
 def test_hf_wrong_sha_in_headers_is_detected(tmp_path: Path) -> None:
