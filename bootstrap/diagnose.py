@@ -428,11 +428,29 @@ def check_platform(ctx: Context) -> list[Check]:
         detail = f"{where}; the serverless mount path"
     else:
         detail = f"{where}; using {vol.root} (found by {vol.how})"
+    if vol is not None:
+        detail += _volume_identity(vol)
     if vol is not None and env.get("RUNPOD_ENDPOINT_ID") and vol.root == POD_VOLUME:
         status = Status.DEGRADED
         hint = f"a serverless worker normally sees the volume at {RUNPOD_VOLUME}: check the endpoint's network volume"
     checks.append(Check("mount_path", status, detail, hint=hint))
     return checks
+
+
+def _volume_identity(vol: Volume) -> str:
+    """The volume's id and the path-independent alias managed interpreters are reached by."""
+    try:
+        from bootstrap import interpreter as interp
+    except ImportError:  # pragma: no cover - older layouts had no volume id
+        return ""
+    try:
+        vid = (vol.base / interp.VOLUME_ID_FILE).read_text(encoding="utf-8").strip()
+    except OSError:
+        return ""
+    alias = interp.ALIAS_ROOT / vid
+    target = os.path.realpath(alias) if alias.is_symlink() else None
+    via = f"; alias {alias} → {target}" if target else ""
+    return f"; volume id {vid} (the same at /workspace and /runpod-volume){via}"
 
 
 # -- volume -----------------------------------------------------------------------------------
