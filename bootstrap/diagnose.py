@@ -1916,6 +1916,9 @@ def run_diagnose(as_json: bool, environ: Mapping[str, str], *, stream: Any = Non
     import sys
 
     out = stream if stream is not None else sys.stdout
+    reconfigure = getattr(out, "reconfigure", None)
+    if reconfigure is not None:  # a non-UTF-8 terminal must not turn "→" into exit 1
+        reconfigure(errors="replace")
     settings, problem = settings_or_problem(environ)
     report = collect(settings, config_problem=problem, debug=settings.debug)
     out.write((render_json(report) if as_json else render_text(report)) + "\n")
