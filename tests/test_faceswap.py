@@ -737,3 +737,14 @@ def test_https_still_verifies_the_certificate_of_the_checked_address(
         tls.close()
     assert info.value.code == "FETCH_FAILED"
     assert "CERTIFICATE_VERIFY_FAILED" in info.value.message
+
+
+def test_unknown_task_through_the_handler(pipe: faceswap.FaceSwap) -> None:
+    out = asyncio.run(_worker(pipe).handle({"input": {"task": "paint", "source_image": "x"}}))
+    assert out["success"] is False and out["code"] == "UNKNOWN_TASK"
+    assert "faceswap" in out["message"]  # names the tasks this worker knows
+
+
+def test_every_job_code_has_a_test_here() -> None:
+    text = Path(__file__).read_text()
+    assert [code for code in JOB_CODES if f'"{code}"' not in text] == []
