@@ -220,16 +220,18 @@ def with_timeout(fn: Callable[[], Any], seconds: float, what: str) -> Any:
     return box.get("value")
 
 
+#: ``scheme://user:password@`` in a URL (a mirror, a source): the password is never shown.
+_URL_PASSWORD = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://[^/\s:@]*):[^@\s/]+@")
+
+
 def _scrub(text: str, secrets: Sequence[str]) -> str:
     for value in secrets:
         if value in text:
             text = text.replace(value, "***")
-    return text
+    return _URL_PASSWORD.sub(r"\1:***@", text)
 
 
 def _scrub_data(data: Any, secrets: Sequence[str]) -> Any:
-    if not secrets:
-        return data
     if isinstance(data, str):
         return _scrub(data, secrets)
     if isinstance(data, dict):

@@ -613,6 +613,15 @@ def test_secrets_never_printed(faceswap_volume: Path, tmp_path: Path) -> None:
     for name, value in secrets.items():
         assert check(report, "settings", name)["detail"] == f"set ({len(value)} chars) (env)"
     assert "RUNPOD_API_KEY=set (" in check(report, "platform", "runpod")["detail"]
+    # A password inside a URL setting (a mirror with userinfo) is masked by diagnose too.
+    mirror = {**env, "BOOTSTRAP_MIRROR": "https://mirroruser:FAKEmirrorPass42@127.0.0.1:9/m"}
+    _rc, text, report = diagnose(mirror)
+    for hay in (text, json.dumps(report)):
+        assert "FAKEmirrorPass42" not in hay
+    assert (
+        check(report, "settings", "BOOTSTRAP_MIRROR")["detail"]
+        == "https://mirroruser:***@127.0.0.1:9/m (env)"
+    )
 
 
 FAKE_SMI = """#!/bin/sh
