@@ -818,7 +818,16 @@ def machine_info() -> dict[str, Any]:
         "memory_gb": mem_gb,
         "kernel": platform.release(),
         "python": platform.python_version(),
+        "load_avg_start": _load_avg(),
     }
+
+
+def _load_avg() -> list[float] | None:
+    """The 1/5/15-minute load averages: other work on the machine skews every figure."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
 
 
 # -- entry point ---------------------------------------------------------------------------
@@ -846,7 +855,7 @@ def run_timing(settings: Settings, opts: Options, *, say: Callable[[str], None] 
             "extras": list(bs.extras),
             "manifest": str(bs.manifest),
             "mirror": bs.mirror,
-            "job": opts.job,
+            "job": job_summary(opts.job),
             "seed_cache": str(opts.seed_cache) if opts.seed_cache else None,
             "corrupt": opts.corrupt,
             "scratch": str(runner.scratch),
@@ -879,7 +888,10 @@ def run_timing(settings: Settings, opts: Options, *, say: Callable[[str], None] 
                 entry["per_worker"] = per_worker(repeats, scenario.workers)
             report["scenarios"].append(entry)
     finally:
+        if not opts.keep:
+            say("removing the scratch volumes …")
         runner.cleanup()
+    report["machine"]["load_avg_end"] = _load_avg()
     opts.out.mkdir(parents=True, exist_ok=True)
     json_path = opts.out / "timing.json"
     tmp = json_path.with_name(f".{json_path.name}.tmp")
@@ -887,6 +899,9 @@ def run_timing(settings: Settings, opts: Options, *, say: Callable[[str], None] 
     os.replace(tmp, json_path)
     say("")
     say(table(report))
+    m = report["machine"]
+    load = f"load average {(m['load_avg_start'] or ['?'])[0]} → {(m['load_avg_end'] or ['?'])[0]}"
+    say(f"{m['cpu']}, {m['cores']} cores, {m['memory_gb']} GB; {load}; {report['date']}")
     say(f"\nwrote {json_path}")
     if opts.chart:
         say(f"wrote {chart(report, opts.out / 'timing.png')}")
@@ -901,6 +916,15 @@ def per_worker(repeats: list[dict[str, Any]], workers: int) -> list[dict[str, An
         for n, b in enumerate(boots):
             ranked[n].append({"ok": b["ok"], "phases": b["phases"]})
     return [summarize(rank) for rank in ranked]
+
+
+def job_summary(job: Mapping[str, Any]) -> Any:
+    """The job as the report records it: whole when small, else its task, keys and size."""
+    text = json.dumps(job)
+    if len(text) <= 2000:
+        return job
+    inp = job.get("input") or {}
+    return {"task": inp.get("task", "faceswap"), "keys": sorted(inp), "bytes": len(text)}
 
 
 def options_from_args(args: Any) -> Options:
