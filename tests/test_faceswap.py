@@ -748,3 +748,12 @@ def test_unknown_task_through_the_handler(pipe: faceswap.FaceSwap) -> None:
 def test_every_job_code_has_a_test_here() -> None:
     text = Path(__file__).read_text()
     assert [code for code in JOB_CODES if f'"{code}"' not in text] == []
+
+
+@pytest.mark.parametrize(("w", "h"), [(2000, 1), (1, 2000), (3000, 2)])
+def test_pictures_too_thin_for_the_detector_have_no_face(pipe: faceswap.FaceSwap, w: int, h: int) -> None:
+    white = b64(encode(np.full((h, w, 3), 255, dtype=np.uint8)))
+    assert (
+        code_of(pipe, {"source_image": b64(encode(picture(200, 200, SOURCE_FACES))), "target_image": white})
+        == "NO_FACE_IN_TARGET"
+    )

@@ -120,6 +120,15 @@ def _urls(port: int) -> st.SearchStrategy[str]:
     )
 
 
+def _odd_image(w: int, h: int, value: int, mode: str) -> bytes:
+    from PIL import Image
+
+    img = Image.new("RGB", (w, h), (value, value, value)).convert(mode)
+    buf = io.BytesIO()
+    img.save(buf, "TIFF" if mode in ("CMYK", "I;16") else "PNG")
+    return buf.getvalue()
+
+
 def _images() -> st.SearchStrategy[str]:
     def corrupt(data: bytes, cut: int, flip: int) -> str:
         raw = bytearray(data[: max(1, cut)])
@@ -133,6 +142,21 @@ def _images() -> st.SearchStrategy[str]:
         st.binary(max_size=200).map(b64),
         st.text(max_size=80),
         st.just("A" * 2_000_000),  # over the 1 MB limit
+        # odd shapes and modes: thin strips, single pixels, grey, alpha, bright or dark
+        st.builds(
+            lambda w, h, v, mode: b64(_odd_image(w, h, v, mode)),
+            st.integers(1, 3000),
+            st.integers(1, 4),
+            st.integers(0, 255),
+            st.sampled_from(["RGB", "L", "RGBA", "P", "I;16", "CMYK"]),
+        ),
+        st.builds(
+            lambda w, h, v, mode: b64(_odd_image(w, h, v, mode)),
+            st.integers(1, 64),
+            st.integers(1, 64),
+            st.integers(0, 255),
+            st.sampled_from(["RGB", "LA", "1"]),
+        ),
     )
 
 

@@ -329,6 +329,14 @@ class FaceSwap:
 
     def _detect(self, img: np.ndarray) -> list[Face]:
         """Faces left to right (then top to bottom), without embeddings."""
+        h, w = img.shape[:2]
+        # SCRFD letterboxes into DET_SIZE; a picture so thin that one side would shrink to 0 px
+        # (3000×2) makes OpenCV's resize fail, and can hold no face anyway.
+        det_w, det_h = DET_SIZE
+        ratio = h / w
+        short_side = int(det_h / ratio) if ratio > det_h / det_w else int(det_w * ratio)
+        if short_side < 1:
+            return []
         bboxes, kpss = self.detector.detect(img, max_num=0, metric="default")
         faces = []
         for i in range(bboxes.shape[0]):
@@ -346,6 +354,8 @@ class FaceSwap:
         """
         size = self.swapper.input_size[0]
         m = face_align.estimate_norm(np.asarray(face.kps, dtype=np.float64), size)
+        if not np.isfinite(m).all() or abs(np.linalg.det(m[:, :2])) < 1e-12:
+            return  # degenerate key points: no alignment, nothing to swap
         corners = np.array([[0, 0, 1], [size, 0, 1], [0, size, 1], [size, size, 1]], dtype=np.float64)
         inverse = cv2.invertAffineTransform(m)
         footprint = corners @ inverse.T
