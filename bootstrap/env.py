@@ -28,7 +28,7 @@ is dropped; the env is published under the key of what it holds, the failure is 
 `RETRY_FULL_AFTER_S` before trying the full set again.
 """
 
-# ruff: noqa: PTH104, PTH114, PTH115, PTH202, PTH211 - rename/link/symlink of whole trees read clearer at the os level, as elsewhere in bootstrap
+# ruff: noqa: PTH104, PTH202 - rename/link/symlink of whole trees read clearer at the os level, as elsewhere in bootstrap
 from __future__ import annotations
 
 import contextlib
@@ -585,7 +585,10 @@ class _Build:
     uv: str
     tmp: Path
     env: dict[str, str]
-    cloned: bool = False
+    #: the READY env this build was cloned from
+    source: Path | None = None
+    #: .py files compiled after a clone (None: whole site-packages)
+    compiled_files: int | None = None
     steps_ms: dict[str, float] = field(default_factory=dict)
 
     def run(self, cmd: list[str]) -> subprocess.CompletedProcess[str]:
@@ -643,7 +646,7 @@ def _build(
                 if source is not None:
                     timeline.log(f"cloning {source.name} by hard links (unchanged packages are reused)")
                     _clone(source, tmp)
-                    b.cloned = True
+                    b.source = source
                 else:
                     proc = b.run(
                         [
@@ -664,6 +667,9 @@ def _build(
                 raise EnvBuildError(f"the new env's interpreter is not the expected one: {problem}")
             with b.step("sync"):
                 kept, dropped = _install(b, list(settings.extras))
+            if b.source is not None:
+                with b.step("compile"):
+                    _compile(b)
             with b.step("smoke"):
                 kept, dropped = _smoke(b, kept, dropped)
             _write_marker_free(tmp)
@@ -684,6 +690,7 @@ def _build(
                 "build_s": round(time.time() - t0, 2),
                 "steps_ms": b.steps_ms,
                 "cloned_from": source.name if source is not None else None,
+                "compiled_files": b.compiled_files,
                 "builder": settings.worker_id,
                 "host": socket.gethostname(),
             }
@@ -739,7 +746,7 @@ def _publish(tmp: Path, final: Path, timeline: Timeline) -> bool:
 
 def _install(b: _Build, extras: list[str]) -> tuple[list[str], dict[str, str]]:
     """Sync all extras; if that fails, find which optional ones to drop (required → exit 12)."""
-    compile_now = not b.cloned
+    compile_now = b.source is None
     proc = b.sync(extras, compile_bytecode=compile_now)
     if proc.returncode == 0:
         return extras, {}
@@ -776,19 +783,36 @@ def _install(b: _Build, extras: list[str]) -> tuple[list[str], dict[str, str]]:
 
 
 def _compile(b: _Build) -> None:
-    """Bytecode only where missing or stale: compileall skips up-to-date .pyc (same mtime+size)."""
-    proc = b.run(
-        [str(b.tmp / "bin" / "python"), "-m", "compileall", "-q", "-j", "0", str(_site_packages(b.tmp))]
-    )
+    """Bytecode for what the clone's sync installed: the ``.py`` files in new ``RECORD``s.
+
+    Everything else came with its ``.pyc`` from the source env (hard links, still valid: same
+    source mtime and size). Falls back to compileall over site-packages, which skips up-to-date
+    files, if RECORDs cannot be read.
+    """
+    site = _site_packages(b.tmp)
+    files: list[str] = []
+    try:
+        for dist in new_distributions(b.source, b.tmp) if b.source is not None else []:
+            for line in (dist / "RECORD").read_text(encoding="utf-8").splitlines():
+                rel = line.split(",", 1)[0]
+                if rel.endswith(".py") and not rel.startswith(".."):
+                    files.append(str(site / rel))
+        targets = files
+    except OSError:
+        targets = [str(site)]
+    b.compiled_files = len(files) if targets is files else None
+    if not targets:
+        return
+    listing = b.tmp / ".compile-list"
+    listing.write_text("\n".join(targets) + "\n", encoding="utf-8")
+    proc = b.run([str(b.tmp / "bin" / "python"), "-m", "compileall", "-q", "-j", "0", "-i", str(listing)])
+    listing.unlink()
     if proc.returncode != 0:
         b.timeline.log("compileall reported errors (files that do not compile are skipped)", level="warn")
 
 
 def _smoke(b: _Build, kept: list[str], dropped: dict[str, str]) -> tuple[list[str], dict[str, str]]:
     """Import every selected capability with the new env's Python; drop optional failures."""
-    if b.cloned:
-        with b.step("compile"):
-            _compile(b)
     env = dict(b.settings.environ)
     for name in ("VIRTUAL_ENV", "PYTHONHOME"):
         env.pop(name, None)
@@ -861,40 +885,40 @@ def _closest_ready(volume: Volume, inputs: dict[str, Any]) -> Path | None:
     return found
 
 
-def _must_copy(rel_dir: str, name: str, site_rel: str) -> bool:
-    """Files uv or the build may rewrite in place are copied; the rest are hard-linked."""
-    if not (rel_dir == site_rel or rel_dir.startswith(site_rel + os.sep)):
-        return True  # bin/ (scripts), pyvenv.cfg, include/: small, and uv rewrites some of them
-    if rel_dir == site_rel:
-        return True  # *.pth and _virtualenv.py at the top of site-packages
-    return ".dist-info" in rel_dir  # RECORD, INSTALLER, REQUESTED: metadata uv may rewrite
+def _private_copy(path: Path) -> None:
+    """Replace a hard link by a private copy (temp name + rename; the other link is untouched)."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.copy")
+    shutil.copy2(path, tmp)
+    os.replace(tmp, path)
 
 
 def _clone(src: Path, dst: Path) -> None:
-    """Copy ``src`` into ``dst`` with hard links, except files that may be rewritten (copied).
+    """Copy ``src`` into ``dst`` with hard links, then make private copies of what may be rewritten.
 
     A published env is never modified: uv replaces a package by unlinking its files and linking
     new ones, which leaves the other link (in ``src``) untouched; everything uv could open for
-    writing in place is a private copy here.
+    writing in place — ``bin/``, ``pyvenv.cfg``, the top of site-packages (``*.pth``) and every
+    ``*.dist-info`` — becomes a private copy here.
     """
-    site_rel = os.path.relpath(_site_packages(src), src)
-    for dirpath, dirnames, filenames in os.walk(src):
-        rel = os.path.relpath(dirpath, src)
-        target = dst if rel == "." else dst / rel
-        target.mkdir(exist_ok=True)
-        for name in list(dirnames):
-            s = os.path.join(dirpath, name)
-            if os.path.islink(s):  # lib64 -> lib
-                os.symlink(os.readlink(s), target / name)
-                dirnames.remove(name)
+    entries = [str(e) for e in sorted(src.iterdir()) if e.name not in (READY, BUILDER_FILE)]
+    # cp (C) links ~20k files in well under a second; a Python walk takes several.
+    proc = subprocess.run(
+        ["cp", "-a", "--link", *entries, str(dst)], capture_output=True, text=True, check=False
+    )
+    if proc.returncode != 0:
+        raise EnvBuildError(f"cloning {src} failed: {proc.stderr.strip()[-1000:]}")
+    site = _site_packages(dst)
+    for dirpath, dirnames, filenames in os.walk(dst):
+        if Path(dirpath) == site:  # below site-packages only the metadata is copied
+            dirnames[:] = [d for d in dirnames if d.endswith(".dist-info")]
         for name in filenames:
-            if rel == "." and name in (READY, BUILDER_FILE):
+            path = Path(dirpath) / name
+            if path.is_symlink() or (Path(dirpath) == dst and name == BUILDER_FILE):
                 continue
-            s = os.path.join(dirpath, name)
-            d = target / name
-            if os.path.islink(s):
-                os.symlink(os.readlink(s), d)
-            elif _must_copy(rel, name, site_rel):
-                shutil.copy2(s, d)
-            else:
-                os.link(s, d)
+            _private_copy(path)
+
+
+def new_distributions(before: Path, after: Path) -> list[Path]:
+    """``*.dist-info`` dirs in ``after``'s site-packages that ``before``'s does not have."""
+    old = {p.name for p in _site_packages(before).glob("*.dist-info")}
+    return sorted(p for p in _site_packages(after).glob("*.dist-info") if p.name not in old)

@@ -277,6 +277,7 @@ def test_one_package_change_clones_the_previous_env_without_touching_it(project:
     new = volume / ".bootstrap" / "envs" / env_end(proc.stdout)["key"]
     ready = json.loads((new / "READY").read_text())
     assert ready["cloned_from"] == old.name
+    assert ready["compiled_files"] == 2  # only the changed package (alpha 2.0: two modules) was compiled
     assert _snapshot(old) == before  # the published env is untouched, byte for byte and inode for inode
     check_env_works(new)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
