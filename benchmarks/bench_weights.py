@@ -244,6 +244,7 @@ def main() -> int:
     parser.add_argument("--cap-mbps", type=float, default=40.0)
     parser.add_argument("--rss-gb", type=float, default=4.0)
     parser.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()) / "bench-weights")
+    parser.add_argument("--only", default="1,2,3,4", help="comma list of the scenarios to run (1-4)")
     parser.add_argument("--volume-on", choices=("disk", "tmpfs"), default="disk")
     parser.add_argument("--child-fetch", nargs=3, metavar=("URL", "VOLUME", "FORMAT"), help=argparse.SUPPRESS)
     parser.add_argument("--child-hf", nargs=2, metavar=("ENDPOINT", "DIR"), help=argparse.SUPPRESS)
@@ -281,63 +282,82 @@ def main() -> int:
             capture_output=True,
         )
 
-        print("\n## 1. uncapped")
-        t_curl = b.curl("big.bin")
-        t_curl_sha = b.curl("big.bin", with_sha=True)
-        t_ours, rss = b.ours("big.bin")
-        t_aria = b.aria("big.bin")
-        t_hub = b.hub()
-        print(f"curl (1 stream)          {mbps(size, t_curl)}   [baseline]")
-        print(f"curl + sha256sum         {mbps(size, t_curl_sha)}{ratio(t_curl, t_curl_sha)}")
-        print(
-            f"this fetcher (+sha256)   {mbps(size, t_ours)}{ratio(t_curl, t_ours)}  peak RSS {rss / 1e6:.0f} MB"
-        )
-        print(f"aria2c -x 8              {mbps(size, t_aria)}{ratio(t_curl, t_aria)}")
-        print(f"huggingface_hub          {mbps(size, t_hub)}{ratio(t_curl, t_hub)}")
-
-        print(f"\n## 2. each connection capped at {args.cap_mbps:g} MB/s")
-        srv.set_rate(int(args.cap_mbps * 1e6))
-        c_curl = b.curl("capped.bin")
-        c_ours, _ = b.ours("capped.bin")
-        c_aria = b.aria("capped.bin")
-        srv.set_rate(int(args.cap_mbps * 1e6))
-        print(f"curl (1 stream)          {mbps(capped, c_curl)}   [baseline]")
-        print(f"this fetcher (+sha256)   {mbps(capped, c_ours)}{ratio(c_curl, c_ours)}")
-        print(f"aria2c -x 8              {mbps(capped, c_aria)}{ratio(c_curl, c_aria)}")
-        srv.set_rate(None)
-
-        print(f"\n## 3. peak RSS for a {args.rss_gb:g} GB file (sparse)")
-        rss_size = int(args.rss_gb * 1e9)
-        make_file(root / "huge.bin", rss_size, sparse=True)
-        t_huge, rss_huge = b.ours("huge.bin")
-        print(f"this fetcher             {mbps(rss_size, t_huge)}  peak RSS {rss_huge / 1e6:.0f} MB")
-        (root / "huge.bin").unlink()
-
-        print("\n## 4. eight processes fetch one file onto one volume at once")
-        vol = b.fresh("eight")
-        srv.reset_log()
-        argv = [PY, __file__, "--child-fetch", f"{srv.url}/big.bin", str(vol), "raw"]
-        t_one, _ = timed(argv, child_env())
-        one_bytes = srv.bytes_sent("big.bin")
-        shutil.rmtree(vol, ignore_errors=True)
-        vol = b.fresh("eight")
-        argv = [PY, __file__, "--child-fetch", f"{srv.url}/big.bin", str(vol), "raw"]
-        srv.reset_log()
-        t_eight = timed_many([argv] * 8, child_env())
-        sent = srv.bytes_sent("big.bin")
-        shutil.rmtree(vol, ignore_errors=True)
-        print(f"one process              {mbps(size, t_one)}  server sent {one_bytes / size:.2f}× the file")
-        print(
-            f"eight processes          {t_eight:7.2f} s ({t_eight / t_one:.2f}× one)  server sent {sent / size:.2f}× the file"
-        )
-        srv.reset_log()
-        t_hub8 = b.hub(8)
-        hub_sent = srv.bytes_sent("bench/repo/file.bin")
-        print(
-            f"huggingface_hub × 8      {t_hub8:7.2f} s  server sent {hub_sent / size:.2f}× the file (shared local_dir)"
-        )
+        only = set(args.only.split(","))
+        if "1" in only:
+            uncapped(b, size)
+        if "2" in only:
+            capped_run(b, capped, args.cap_mbps)
+        if "3" in only:
+            rss_run(b, root, args.rss_gb)
+        if "4" in only:
+            eight(b, size)
     print(f"\n# benchmark's own peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
     return 0
+
+
+def uncapped(b: Bench, size: int) -> None:
+    print("\n## 1. uncapped")
+    t_curl = b.curl("big.bin")
+    t_curl_sha = b.curl("big.bin", with_sha=True)
+    t_ours, rss = b.ours("big.bin")
+    t_aria = b.aria("big.bin")
+    t_hub = b.hub()
+    print(f"curl (1 stream)          {mbps(size, t_curl)}   [baseline]")
+    print(f"curl + sha256sum         {mbps(size, t_curl_sha)}{ratio(t_curl, t_curl_sha)}")
+    print(
+        f"this fetcher (+sha256)   {mbps(size, t_ours)}{ratio(t_curl, t_ours)}  peak RSS {rss / 1e6:.0f} MB"
+    )
+    print(f"aria2c -x 8              {mbps(size, t_aria)}{ratio(t_curl, t_aria)}")
+    print(f"huggingface_hub          {mbps(size, t_hub)}{ratio(t_curl, t_hub)}")
+
+
+def capped_run(b: Bench, capped: int, cap_mbps: float) -> None:
+    srv = b.srv
+    print(f"\n## 2. each connection capped at {cap_mbps:g} MB/s")
+    srv.set_rate(int(cap_mbps * 1e6))
+    c_curl = b.curl("capped.bin")
+    c_ours, _ = b.ours("capped.bin")
+    c_aria = b.aria("capped.bin")
+    print(f"curl (1 stream)          {mbps(capped, c_curl)}   [baseline]")
+    print(f"this fetcher (+sha256)   {mbps(capped, c_ours)}{ratio(c_curl, c_ours)}")
+    print(f"aria2c -x 8              {mbps(capped, c_aria)}{ratio(c_curl, c_aria)}")
+    srv.set_rate(None)
+
+
+def rss_run(b: Bench, root: Path, rss_gb: float) -> None:
+    print(f"\n## 3. peak RSS for a {rss_gb:g} GB file (sparse)")
+    rss_size = int(rss_gb * 1e9)
+    make_file(root / "huge.bin", rss_size, sparse=True)
+    t_huge, rss_huge = b.ours("huge.bin")
+    print(f"this fetcher             {mbps(rss_size, t_huge)}  peak RSS {rss_huge / 1e6:.0f} MB")
+    (root / "huge.bin").unlink()
+
+
+def eight(b: Bench, size: int) -> None:
+    srv = b.srv
+    print("\n## 4. eight processes fetch one file onto one volume at once")
+    vol = b.fresh("eight")
+    srv.reset_log()
+    argv = [PY, __file__, "--child-fetch", f"{srv.url}/big.bin", str(vol), "raw"]
+    t_one, _ = timed(argv, child_env())
+    one_bytes = srv.bytes_sent("big.bin")
+    shutil.rmtree(vol, ignore_errors=True)
+    vol = b.fresh("eight")
+    argv = [PY, __file__, "--child-fetch", f"{srv.url}/big.bin", str(vol), "raw"]
+    srv.reset_log()
+    t_eight = timed_many([argv] * 8, child_env())
+    sent = srv.bytes_sent("big.bin")
+    shutil.rmtree(vol, ignore_errors=True)
+    print(f"one process              {mbps(size, t_one)}  server sent {one_bytes / size:.2f}× the file")
+    print(
+        f"eight processes          {t_eight:7.2f} s ({t_eight / t_one:.2f}× one)  server sent {sent / size:.2f}× the file"
+    )
+    srv.reset_log()
+    t_hub8 = b.hub(8)
+    hub_sent = srv.bytes_sent("bench/repo/file.bin")
+    print(
+        f"huggingface_hub × 8      {t_hub8:7.2f} s  server sent {hub_sent / size:.2f}× the file (shared local_dir)"
+    )
 
 
 if __name__ == "__main__":

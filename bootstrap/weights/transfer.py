@@ -479,6 +479,7 @@ class _Hasher:
     def _run(self) -> None:
         size = self.transfer.size
         assert size is not None
+        view = memoryview(bytearray(4 * CHUNK))  # one buffer, reused: memory stays flat
         try:
             while self.pos < size and not self.cancelled.is_set():
                 limit = self.transfer.frontier()
@@ -488,12 +489,11 @@ class _Hasher:
                     time.sleep(0.02)
                     continue
                 while self.pos < limit and not self.cancelled.is_set():
-                    n = min(4 * CHUNK, limit - self.pos)
-                    data = os.pread(self.fd, n, self.pos)
-                    if not data:
+                    n = os.preadv(self.fd, [view[: min(len(view), limit - self.pos)]], self.pos)
+                    if not n:
                         raise OSError(f"short read at {self.pos}")
-                    self.h.update(data)
-                    self.pos += len(data)
+                    self.h.update(view[:n])
+                    self.pos += n
         except BaseException as err:
             self.failed = err
 
