@@ -1554,7 +1554,7 @@ def check_last_boot(ctx: Context) -> list[Check]:
         return [
             Check("boots", Status.OK, "no boot logged on this volume yet", exit_code=None, exit_name=None)
         ]
-    dirs.sort(key=lambda d: (d / JSONL).stat().st_mtime, reverse=True)
+    dirs.sort(key=_mtime, reverse=True)
     boots = [(d, read_events(d / JSONL)) for d in dirs[: o.max_workers]]
     last_ok = max(
         (e[-1].get("ts", 0) for _d, e in boots if e and any(x.get("phase") == "ready" for x in e)),
