@@ -137,7 +137,13 @@ def test_output_uploaded_with_a_presigned_url(moto: str, models: dict[str, str])
 
 def test_missing_credentials_is_a_runpod_error_naming_them(models: dict[str, str]) -> None:
     worker = _worker(models, {"BUCKET_ENDPOINT_URL": "http://127.0.0.1:9", "BUCKET_NAME": "outputs"})
-    out = asyncio.run(worker.handle(_job()))
+    # Checked before any fetch: the source URL below is never requested.
+    out = asyncio.run(
+        worker.handle(
+            {"input": {**_job()["input"], "source_image": None, "source_url": "http://127.0.0.1:9/x.png"}}
+        )
+    )
+    assert set(out) == {"error"}, out
     assert set(out) == {"error"}, out
     assert "BUCKET_ACCESS_KEY_ID" in out["error"] and "BUCKET_SECRET_ACCESS_KEY" in out["error"]
     assert "/" not in out["error"].split("set")[0]  # no local path offered instead

@@ -418,14 +418,19 @@ class Uploader:
                 )
             return self._client
 
-    def upload(self, data: bytes, fmt: str, job_s3: Mapping[str, str] | None) -> dict[str, str]:
-        """Put ``data`` at ``<prefix>/<date>/<uuid>.<ext>``; return url (presigned), bucket, key."""
+    def check(self, job_s3: Mapping[str, str] | None) -> str:
+        """The bucket to use; a WorkerFault naming what is missing (run before any model work)."""
         self._settings()  # credentials first: the message names what is missing
         bucket = (job_s3 or {}).get("bucket") or (self.environ.get(BUCKET) or "").strip()
         if not bucket:
             raise WorkerFault(
                 f"output 's3' needs a bucket: set {BUCKET} on the endpoint or send input.s3.bucket"
             )
+        return bucket
+
+    def upload(self, data: bytes, fmt: str, job_s3: Mapping[str, str] | None) -> dict[str, str]:
+        """Put ``data`` at ``<prefix>/<date>/<uuid>.<ext>``; return url (presigned), bucket, key."""
+        bucket = self.check(job_s3)
         prefix = ((job_s3 or {}).get("prefix") or "faceswap").strip("/")
         key = f"{prefix}/{time.strftime('%Y-%m-%d', time.gmtime())}/{uuid.uuid4().hex}.{EXTENSIONS[fmt]}"
         client = self.client()

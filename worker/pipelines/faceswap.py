@@ -17,8 +17,13 @@ Faces are numbered from 1, left to right; ``target_index`` 0 swaps every face of
    back to CPU (F15);
 3. only the detection and recognition models of ``buffalo_l`` get a session (the landmark and
    gender/age models are never loaded);
-4. one swap on a generated picture runs every session at the shapes jobs use, and every
-   encoder, so the first job costs what the hundredth does.
+4. a warm-up swap on a generated picture runs every session at the shapes jobs use, the
+   job's own paste-back and every encoder, so the first job costs what the hundredth does.
+
+A job (`FaceSwap.run`) goes fetch → decode → detect → swap → encode (→ upload), timing each
+stage into the result's ``ms``. Problems with the job's input are `JobError`s with SPEC §10's
+codes; CUDA out-of-memory and CUDA errors become `WorkerFault(refresh=True)` so RunPod replaces
+the worker.
 """
 
 from __future__ import annotations
@@ -62,11 +67,6 @@ INSWAPPER_DEST = "insightface/models/inswapper_128.onnx"
 BUFFALO_NEEDED = {"detection": "det_10g.onnx", "recognition": "w600k_r50.onnx"}
 DET_SIZE = (640, 640)
 DET_THRESH = 0.5
-
-_KNOWN_KEYS = {
-    "task", "source_url", "source_image", "target_url", "target_image", "source_index", "target_index",
-    "output_format", "output", "max_side", "s3",
-}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -384,6 +384,8 @@ class FaceSwap:
     def run(self, job_input: dict[str, Any]) -> dict[str, Any]:
         """Swap the source face onto the target's face(s); see the module docstring."""
         req = parse_input(job_input)
+        if req.output == "s3":
+            self.uploader.check(req.s3)  # missing credentials fail before any download or model run
         t = _Stages()
         with t.stage("fetch"):
             src_bytes = self._bytes(req.source)
