@@ -757,3 +757,40 @@ def test_pictures_too_thin_for_the_detector_have_no_face(pipe: faceswap.FaceSwap
         code_of(pipe, {"source_image": b64(encode(picture(200, 200, SOURCE_FACES))), "target_image": white})
         == "NO_FACE_IN_TARGET"
     )
+
+
+def _warm(models: dict[str, str], **env: str) -> Worker:
+    from bootstrap.plan import Capability
+    from worker.main import warm_up
+
+    settings = Settings.from_env(env)
+    plan = Plan(
+        worker_id="w", volume="/x", app_dir=".", capabilities={"faceswap": Capability()}, models=dict(models)
+    )
+    worker = Worker(plan=plan, timeline=Timeline("w", stream=io.StringIO()), lifecycle=Lifecycle())
+    warm_up(worker, settings)
+    return worker
+
+
+def test_warm_phase_loads_the_pipeline_and_names_its_device(models: dict[str, str]) -> None:
+    worker = _warm(models)
+    assert worker.capabilities["faceswap"] == {"status": "ok", "reason": None}
+    assert worker.pipelines["faceswap"].device()["providers"] == ["CPUExecutionProvider"]
+
+
+def test_a_wrong_model_under_the_swapper_name_fails_warm_load_with_15(
+    tmp_path: Path, models: dict[str, str]
+) -> None:
+    from bootstrap.errors import WarmLoadError
+
+    wrong = tmp_path / "inswapper_128.onnx"
+    wrong.write_bytes(
+        Path(models[BUFFALO_DEST], "w600k_r50.onnx").read_bytes()
+    )  # a valid ONNX, not a swapper
+    with pytest.raises(WarmLoadError) as info:
+        _warm({**models, INSWAPPER_DEST: str(wrong)})
+    assert info.value.exit_code == 15
+    assert str(wrong) in info.value.message and "ArcFaceONNX" in info.value.message
+    # A required GPU that is not there is exit 16, not 15.
+    with pytest.raises(GpuError):
+        _warm(models, BOOTSTRAP_REQUIRE_GPU="1")
