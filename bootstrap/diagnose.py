@@ -1093,6 +1093,7 @@ def check_leases(ctx: Context) -> list[Check]:
     found = list_leases(ctx.volume.leases)
     if not found:
         return [Check("held", Status.OK, "no leases held")]
+    what = _lease_subjects(ctx)
     checks = []
     for path, record, age in found:
         name = path.name.removesuffix(".lease")
@@ -1101,7 +1102,8 @@ def check_leases(ctx: Context) -> list[Check]:
         host, pid = rec.get("host", "?"), rec.get("pid", "?")
         started = rec.get("started")
         held_for = f", held {human_age(o.clock() - started)}" if isinstance(started, (int, float)) else ""
-        who = f"{owner} (pid {pid} on host {host}){held_for}, renewed {human_age(age)} ago"
+        subject = f" (for {what[name]})" if name in what else ""
+        who = f"{owner} (pid {pid} on host {host}){held_for}, renewed {human_age(age)} ago{subject}"
         if record is None:
             who = f"an unreadable record, last changed {human_age(age)} ago"
         dead_here = (
@@ -1125,6 +1127,22 @@ def check_leases(ctx: Context) -> list[Check]:
         else:
             checks.append(Check(name, Status.OK, f"held by {who}"))
     return checks
+
+
+def _lease_subjects(ctx: Context) -> dict[str, str]:
+    """Lease name → what it guards, for the names this image would use (``file-<sha256>`` is opaque)."""
+    out: dict[str, str] = {}
+    if ctx.key is not None:
+        out[f"env-{ctx.key}"] = "this image's environment"
+    try:
+        from bootstrap.manifest import load_manifest
+        from bootstrap.weights import lease_name
+
+        for f in load_manifest(ctx.settings.manifest):
+            out[lease_name(f.dest)] = f.dest
+    except (BootstrapError, ImportError):
+        pass
+    return out
 
 
 # -- weights ----------------------------------------------------------------------------------
