@@ -794,3 +794,26 @@ def test_a_wrong_model_under_the_swapper_name_fails_warm_load_with_15(
     # A required GPU that is not there is exit 16, not 15.
     with pytest.raises(GpuError):
         _warm(models, BOOTSTRAP_REQUIRE_GPU="1")
+
+
+def test_a_slow_resolver_costs_the_job_its_deadline_only(pipe: faceswap.FaceSwap) -> None:
+    import threading
+    import time
+
+    release = threading.Event()
+
+    def stuck(host: str, port: int) -> list[str]:
+        release.wait(30)
+        return ["127.0.0.1"]
+
+    slow = with_settings(pipe)
+    slow.policy = dataclasses.replace(slow.policy, resolve=stuck, timeout_s=1)
+    t0 = time.monotonic()
+    try:
+        assert (
+            code_of(slow, {"source_url": "http://slow-dns.example/x.png", "target_image": "eA=="})
+            == "FETCH_FAILED"
+        )
+    finally:
+        release.set()
+    assert time.monotonic() - t0 < 10  # protocol bound: the deadline (1 s), not the resolver (30 s)

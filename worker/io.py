@@ -19,6 +19,7 @@ operator's (bucket credentials) is a `WorkerFault`. Nothing here trusts the inpu
 from __future__ import annotations
 
 import binascii
+import concurrent.futures
 import http.client
 import io
 import ipaddress
@@ -95,11 +96,21 @@ class FetchPolicy:
     is_public: Callable[[str], bool] = is_public_address
 
 
-def _checked_addresses(host: str, port: int, policy: FetchPolicy, url: str) -> list[str]:
+# getaddrinfo cannot be interrupted; it runs here so a slow resolver costs a job its deadline,
+# not its thread (the lookup finishes in the background and is dropped).
+_RESOLVERS = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="resolve")
+
+
+def _checked_addresses(host: str, port: int, policy: FetchPolicy, url: str, deadline: float) -> list[str]:
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
     try:
-        addrs = policy.resolve(host, port)
+        future = _RESOLVERS.submit(policy.resolve, host, port)
+        addrs = future.result(timeout=max(0.0, deadline - time.monotonic()))
+    except concurrent.futures.TimeoutError:
+        raise JobError(
+            "FETCH_FAILED", f"resolving the host of {_shown(url)} took longer than {policy.timeout_s:g} s"
+        ) from None
     except (OSError, UnicodeError) as err:
         raise JobError("FETCH_FAILED", f"cannot resolve the host of {_shown(url)}: {err}") from None
     if not addrs:
@@ -159,7 +170,7 @@ def fetch_url(url: str, policy: FetchPolicy) -> bytes:
     current = url
     for _hop in range(policy.max_redirects + 1):
         scheme, host, port, path = _check_url(current)
-        addrs = _checked_addresses(host, port, policy, current)
+        addrs = _checked_addresses(host, port, policy, current, deadline)
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise JobError("FETCH_FAILED", f"fetching {_shown(url)} took longer than {policy.timeout_s:g} s")
