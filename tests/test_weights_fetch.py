@@ -418,6 +418,41 @@ def test_disk_too_small_exits_11_before_any_download(tmp_path: Path, server: Fau
         assert list(boot.models.rglob("*")) == [boot.volume.verified]
 
 
+def test_a_live_lease_holder_bounds_the_wait_with_exit_14(tmp_path: Path, server: FaultServer) -> None:
+    import socket
+
+    from bootstrap.errors import LOCK
+    from bootstrap.weights import lease_name
+
+    holder = subprocess.Popen(["sleep", "60"])
+    try:
+        boot = Boot(
+            tmp_path,
+            entry("m/m.onnx", f"{server.url}/m.onnx"),
+            BOOTSTRAP_LOCK_TIMEOUT_S="1",
+            BOOTSTRAP_LEASE_TTL_S="30",
+        )
+        record = {
+            "name": "x",
+            "owner": "other:1",
+            "host": socket.gethostname(),
+            "pid": holder.pid,
+            "started": 0,
+            "renewed": 0,
+            "token": "t",
+        }
+        (boot.volume.leases / f"{lease_name('m/m.onnx')}.lease").write_text(json.dumps(record))
+        with pytest.raises(BootstrapError) as info:
+            boot.run()
+        assert info.value.exit_code == LOCK
+        assert server.requests() == []
+        waits = boot.events("wait")
+        assert waits and waits[0]["detail"]["owner"] == "other:1"
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 # -- other sources -----------------------------------------------------------------------------
 
 
