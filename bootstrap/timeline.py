@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import sys
 import threading
 import time
@@ -28,6 +29,8 @@ from bootstrap.settings import Settings, is_secret_name
 
 PHASES = ("preflight", "env", "weights", "import", "warm", "ready", "job")
 EVENTS = ("start", "end", "skip", "fail", "wait", "progress")
+
+URL_PASSWORD = re.compile(r"(\b[a-z][a-z0-9+.-]*://[^/\s:@]+:)[^@\s/]+@", re.IGNORECASE)
 
 JSONL = "boot.jsonl"
 TEXT = "boot.log"
@@ -105,7 +108,8 @@ class Timeline:
         for value in self.secrets:
             if value in text:
                 text = text.replace(value, "***")
-        return text
+        # A password inside a URL (a mirror given as https://user:pass@host/...).
+        return URL_PASSWORD.sub(r"\1***@", text)
 
     def _write_file(self, kind: str, line: str) -> None:
         target = self._jsonl if kind == "json" else self._text

@@ -158,3 +158,13 @@ def test_budget_exceeded_exits_17_and_kills_uv(tmp_path: Path, volume: Path) -> 
     assert fail["detail"]["code"] == 17 and "BOOTSTRAP_PHASE_BUDGET_S=env=" in fail["detail"]["hint"]
     # Nothing half-built was published.
     assert not [p for p in (volume / ".bootstrap" / "envs").iterdir() if not p.name.startswith(".")]
+
+
+def test_password_in_a_url_is_scrubbed_from_the_timeline() -> None:
+    stream = io.StringIO()
+    tl = Timeline("w", log_format="text", stream=stream)
+    tl.log("mirror https://bob:hunter2secret@mirror.internal/models failed; http://host:8080/x ok")
+    out = stream.getvalue()
+    assert "hunter2secret" not in out
+    assert "https://bob:***@mirror.internal/models" in out
+    assert "http://host:8080/x" in out
