@@ -495,8 +495,9 @@ def ensure_env(settings: Settings, volume: Volume, timeline: Timeline, detail: d
         failure = _recent_failure(volume, key)
         if failure is not None:
             held = volume.envs / str(failure.get("published_key"))
-            if is_ready(held) and _check_home(held, python) is None:
-                dropped = {str(k): str(v) for k, v in (failure.get("dropped") or {}).items()}
+            dropped = {str(k): str(v) for k, v in (failure.get("dropped") or {}).items()}
+            still_optional = all(settings.is_optional(c) for c in dropped)  # else: build, and fail
+            if still_optional and is_ready(held) and _check_home(held, python) is None:
                 kept = tuple(e for e in extras if e not in dropped)
                 return EnvResult(
                     str(failure["published_key"]), held, held / "bin" / "python", True, kept, dropped

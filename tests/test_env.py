@@ -224,6 +224,9 @@ def test_optional_capability_that_does_not_install_is_dropped(project: Path, vol
     assert "uv sync --frozen" in _boot_log(volume, "w3")
     assert env_end(third.stdout)["dropped"] == ["broken"]
     assert published_envs(volume) == [final] and leftovers(volume) == []
+    # the same extras with 'broken' no longer optional: the degraded env is not an answer
+    strict = _boot(volume, project, BOOTSTRAP_EXTRAS="calc,broken", BOOTSTRAP_WORKER_ID="w4")
+    assert strict.returncode == 12, strict.stderr[-2000:]
 
 
 @pytest.mark.slow
