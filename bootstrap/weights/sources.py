@@ -20,7 +20,7 @@ import re
 import socket
 import ssl
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from pathlib import Path
@@ -143,10 +143,17 @@ def _status_error(status: int, reason: str, headers: Any, what: str) -> Exceptio
 
 
 class _HTTPBody:
-    def __init__(self, resp: http.client.HTTPResponse, whole: bool, expect: int | None) -> None:
+    def __init__(
+        self,
+        resp: http.client.HTTPResponse,
+        whole: bool,
+        expect: int | None,
+        on_abandon: Callable[[], None] = lambda: None,
+    ) -> None:
         self.resp = resp
         self.whole = whole
         self.left = expect
+        self.on_abandon = on_abandon
 
     def readinto(self, buf: memoryview) -> int:
         try:
@@ -161,6 +168,9 @@ class _HTTPBody:
 
     def close(self) -> None:
         self.resp.close()
+        if self.left != 0:
+            # Unread body bytes would be taken for the next response: drop the connection.
+            self.on_abandon()
 
 
 class HTTPConnection:
@@ -215,13 +225,13 @@ class HTTPConnection:
                 resp.close()
                 self.close()
                 raise Transient(f"Content-Length {resp.length} does not match the range's {expect} bytes")
-            return _HTTPBody(resp, False, expect)
+            return _HTTPBody(resp, False, expect, self.close)
         if resp.status == 200:
             if size is not None and resp.length is not None and resp.length != size:
                 resp.close()
                 self.close()
                 raise Transient(f"Content-Length {resp.length} is not the file's size {size}")
-            return _HTTPBody(resp, True, resp.length)
+            return _HTTPBody(resp, True, resp.length, self.close)
         err = _status_error(resp.status, resp.reason, resp.headers, self.source.label)
         resp.read()
         if resp.will_close:
