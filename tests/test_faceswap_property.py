@@ -224,7 +224,13 @@ def _structured(out: Any) -> None:
 def test_hostile_inputs_get_structured_answers(worker: Worker, server: ImageServer) -> None:
     seen: dict[str, int] = {}
 
-    @settings(max_examples=300, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=300,
+        deadline=None,
+        derandomize=True,
+        database=None,
+        suppress_health_check=list(HealthCheck),
+    )
     @given(hostile_jobs(server.port))
     def check(job: Any) -> None:
         out = asyncio.run(worker.handle(job))
