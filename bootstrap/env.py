@@ -86,16 +86,15 @@ class EnvResult:
 
 
 def find_uv() -> str:
-    """The uv binary: on PATH, else the one the ``uv`` Python package ships."""
-    found = shutil.which("uv")
-    if found:
-        return found
-    try:
+    """The uv binary: the one the ``uv`` Python package ships (the pinned version), else PATH's."""
+    with contextlib.suppress(Exception):  # not installed as a package: look on PATH
         from uv import find_uv_bin  # type: ignore[import-not-found,unused-ignore]
 
         return str(find_uv_bin())
-    except Exception as err:
-        raise EnvBuildError("uv is not installed", hint="pip install uv (the image installs it)") from err
+    found = shutil.which("uv")
+    if found:
+        return found
+    raise EnvBuildError("uv is not installed", hint="pip install uv (the image installs it)")
 
 
 def interpreter_identity() -> dict[str, str]:
