@@ -9,7 +9,7 @@ What goes:
 - temp directories of dead builders (no live lease for their key, and the builder's pid dead on
   this host or its heartbeat older than `DEAD_BUILDER_S`), envs set aside as broken, expired
   degradation records;
-- quarantined files older than `QUARANTINE_KEEP_S`;
+- quarantined files older than `QUARANTINE_KEEP_S`; lease files nobody renewed for `DEAD_BUILDER_S`;
 - with ``--models``: verified model files (and their records) the given manifest does not list.
   A volume may serve several endpoints, so this is opt-in.
 
@@ -130,6 +130,11 @@ def collect(
                     Item("quarantine", p, tree_size(p) if p.is_dir() else _size(p), "old quarantine")
                 )
     if volume.leases.is_dir():
+        for path, rec, age in list_leases(volume.leases):
+            # A holder rewrites its lease every TTL/3: one unchanged this long is abandoned.
+            if age > max(DEAD_BUILDER_S, 10 * settings.lease_ttl_s):
+                owner = (rec or {}).get("owner", "unknown")
+                items.append(Item("lease", path, _size(path), f"abandoned lease of {owner}"))
         for p in volume.leases.glob(".*.tmp"):
             if now - _mtime(p) > DEAD_BUILDER_S:
                 items.append(Item("leftover", p, _size(p), "lease temp file of a dead writer"))

@@ -53,6 +53,9 @@ def _layout(volume: Path, manifest: Path) -> dict[str, Path]:
     (b / "leases" / f"env-{'e' * 32}.lease").write_text(
         json.dumps({"owner": "w9:1", "host": socket.gethostname(), "pid": os.getpid(), "token": "t"})
     )
+    p["old_lease"] = b / "leases" / "file-abc.lease"
+    p["old_lease"].write_text(json.dumps({"owner": "gone:1", "host": "elsewhere", "pid": 1, "token": "t"}))
+    _age(p["old_lease"], 3600)
     host = envmod._host()
     dead = envs / f"{envmod.TMP_PREFIX}{'f' * 16}-{host}-{_dead_pid()}-abcdef"
     (dead / "lib").mkdir(parents=True)
@@ -101,7 +104,7 @@ def test_gc_dry_run_lists_then_gc_removes_only_what_no_one_uses(tmp_path: Path, 
 
     plain = run_bootstrap(["gc"], environ)
     assert plain.returncode == 0, plain.stderr
-    for name in ("unused", "stale_plan", "dead_tmp", "trash", "q_old"):
+    for name in ("unused", "stale_plan", "dead_tmp", "trash", "q_old", "old_lease"):
         assert not p[name].exists(), name
     for name in ("used", "fresh", "leased", "live_tmp", "q_new", "listed", "gone"):
         assert p[name].exists(), name  # models only with --models
