@@ -349,6 +349,7 @@ def test_managed_env_is_valid_under_either_mount_path(project: Path, tmp_path: P
     assert d2["key"] == detail["key"] and d2["reused"] is True
     assert os.readlink(alias) == str(serverless)
     check_env_works(serverless / ".bootstrap" / "envs" / detail["key"])
+    alias.unlink()  # container disk in production; here, do not leave links to a deleted tmp dir
 
 
 # -- the real project ---------------------------------------------------------------------------
