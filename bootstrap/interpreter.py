@@ -121,7 +121,7 @@ def find_managed(volume_root: Path, request: str) -> Path | None:
     want = tuple(int(x) for x in re.findall(r"\d+", request)[:3])
     found: list[tuple[tuple[int, ...], Path]] = []
     for d in base.iterdir():
-        if not d.name.startswith("cpython-") or d.name.startswith("."):
+        if not d.name.startswith("cpython-") or "+" in d.name:  # no free-threaded/debug builds
             continue
         ver = _version_tuple(d.name)
         if ver[: len(want)] != want:
