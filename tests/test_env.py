@@ -373,3 +373,23 @@ def test_real_project_base_env_builds_then_is_reused(volume: Path) -> None:
     proc = run_bootstrap(UNTIL_ENV, env, timeout=900)
     assert proc.returncode == 0
     assert env_end(proc.stdout)["reused"] is True
+
+
+def test_find_managed_picks_the_newest_matching_default_build(tmp_path: Path) -> None:
+    base = tmp_path / ".bootstrap" / "python"
+    for name, exe in [
+        ("cpython-3.11.5-linux-x86_64-gnu", "python3.11"),
+        ("cpython-3.11.9-linux-x86_64-gnu", "python3.11"),
+        ("cpython-3.11.10+freethreaded-linux-x86_64-gnu", "python3.11"),
+        ("cpython-3.12.1-linux-x86_64-gnu", "python3.12"),
+        ("cpython-3.11.12-linux-x86_64-gnu", "missing"),
+    ]:
+        (base / name / "bin").mkdir(parents=True)
+        (base / name / "bin" / exe).touch()
+    found = interp.find_managed(tmp_path, "3.11")
+    assert found == base / "cpython-3.11.9-linux-x86_64-gnu" / "bin" / "python3.11"
+    assert (
+        interp.find_managed(tmp_path, "3.12.1")
+        == base / "cpython-3.12.1-linux-x86_64-gnu" / "bin" / "python3.12"
+    )
+    assert interp.find_managed(tmp_path, "3.13") is None
