@@ -760,7 +760,7 @@ def chart(report: Mapping[str, Any], path: Path) -> Path:
             ax.barh(
                 y, width, left=left, height=0.62, color=COLORS[seg], edgecolor="white", lw=0.6, label=label
             )
-            if width > 0.06 * longest:
+            if width > 0.035 * longest:
                 ax.text(
                     left + width / 2, y, f"{width:.1f}", ha="center", va="center", fontsize=8, color="white"
                 )
@@ -772,11 +772,12 @@ def chart(report: Mapping[str, Any], path: Path) -> Path:
         )
         if hi > lo:
             whisker = [[total - lo], [hi - total]]
-            ax.errorbar(total, y, xerr=whisker, fmt="none", ecolor="#333333", capsize=3, lw=1)
+            # Just above the bar, clear of the segment labels: min–max of the totals.
+            ax.errorbar(total, y + 0.38, xerr=whisker, fmt="none", ecolor="#333333", capsize=2, lw=1)
         text = f"{total:.1f} s"
         if base and s["name"] != "baseline":
             text += f"  ({total * 1000 / base:.2f}× baseline)"
-        ax.text(max(hi, total) + longest * 0.012, y, text, va="center", fontsize=9, fontweight="bold")
+        ax.text(total + longest * 0.012, y, text, va="center", fontsize=9, fontweight="bold")
     ax.set_yticks(ys, [s["label"] + ("" if s["ok"] else " (failed)") for s in scenarios])
     ax.set_xlim(0, longest * 1.3)
     ax.set_xlabel("seconds from container start to the first job's answer")
