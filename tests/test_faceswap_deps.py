@@ -83,6 +83,14 @@ def test_lock_never_lists_opencv_python() -> None:
 def test_linux_x86_64_installs_only_the_gpu_onnxruntime_and_headless_opencv(python: str) -> None:
     names = _exported(LINUX_X86, python)
     assert {"insightface", "onnxruntime-gpu", "opencv-python-headless", "boto3"} <= names
+    # The CUDA libraries onnxruntime-gpu loads come with the env: the slim image has none.
+    assert {
+        "nvidia-cuda-runtime",
+        "nvidia-cublas",
+        "nvidia-cudnn-cu13",
+        "nvidia-cufft",
+        "nvidia-curand",
+    } <= names
     assert "onnxruntime" not in names
     assert "opencv-python" not in names
 
@@ -148,3 +156,20 @@ def test_built_env_imports_without_libgl_and_passes_the_smoke_test(
     assert proc.returncode == 0, proc.stdout + proc.stderr
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result == {"base": None, "capabilities": {"faceswap": None}}
+
+    # Every CUDA library the CUDA provider needs is in the env: on this GPU-less machine the
+    # only thing it misses is the driver, which a GPU host provides.
+    probe = (
+        "import onnxruntime as o, onnx; from onnx import helper as h, TensorProto as T; o.preload_dlls(); "
+        "g = h.make_graph([h.make_node('Relu', ['x'], ['y'])], 'g', [h.make_tensor_value_info('x', T.FLOAT, [1])], "
+        "[h.make_tensor_value_info('y', T.FLOAT, [1])]); m = h.make_model(g, opset_imports=[h.make_opsetid('', 17)]); "
+        "m.ir_version = 8; s = o.InferenceSession(m.SerializeToString(), providers=['CUDAExecutionProvider', 'CPUExecutionProvider']); "
+        "print(s.get_providers())"
+    )
+    proc = subprocess.run(
+        [str(python), "-c", probe], env=env, capture_output=True, text=True, timeout=120, check=False
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "libcuda.so.1" in proc.stderr, proc.stderr
+    for lib in ("libcudart", "libcublas", "libcudnn", "libcufft", "libcurand"):
+        assert f"{lib}.so" not in proc.stderr, proc.stderr

@@ -13,6 +13,7 @@ time, not at the first job (FAILURES F5, F15).
 
 from __future__ import annotations
 
+import ctypes
 import importlib.metadata
 import platform
 import shutil
@@ -105,11 +106,28 @@ def describe(requested: Sequence[str], actual: Sequence[str], available: Sequenc
         "available": list(available),
     }
     if CUDA in requested and not on_gpu:
-        out["fallback"] = (
-            "onnxruntime could not start the CUDA provider and runs on CPU "
-            "(CUDA/cuDNN libraries missing or the driver is too old for the wheels)"
+        out["fallback"] = "onnxruntime could not start the CUDA provider and runs on CPU: " + (
+            driver_problem()
+            or "the NVIDIA driver is there, so it is likely too old for the wheels' CUDA version "
+            "(onnxruntime's own error is on the worker's stderr)"
         )
     return out
+
+
+def driver_problem() -> str | None:
+    """Why the NVIDIA driver cannot be used from this process, or None when it loads.
+
+    The CUDA libraries come with the env (onnxruntime-gpu's ``cuda``/``cudnn`` extras); the
+    driver (``libcuda.so.1``) is the one thing the host must provide.
+    """
+    try:
+        ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return (
+            "no NVIDIA driver in this container (libcuda.so.1 not found): the host has no GPU, "
+            "or the container was started without the NVIDIA runtime"
+        )
+    return None
 
 
 _OOM_MARKERS = (
