@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import importlib.util
 import json
 import os
 import platform
@@ -845,6 +846,11 @@ def run_timing(settings: Settings, opts: Options, *, say: Callable[[str], None] 
         raise ConfigError(
             f"--seed-cache {opts.seed_cache} is not a directory", hint="give a uv cache directory"
         )
+    draw = opts.chart and importlib.util.find_spec("matplotlib") is not None
+    if opts.chart and not draw:
+        say(
+            "note: no chart — matplotlib is missing (`uv sync --group timing`); the table and JSON still come"
+        )
     runner = Runner(settings, opts, say=say)
     bs = runner.boot_settings
     report: dict[str, Any] = {
@@ -904,7 +910,7 @@ def run_timing(settings: Settings, opts: Options, *, say: Callable[[str], None] 
     load = f"load average {(m['load_avg_start'] or ['?'])[0]} → {(m['load_avg_end'] or ['?'])[0]}"
     say(f"{m['cpu']}, {m['cores']} cores, {m['memory_gb']} GB; {load}; {report['date']}")
     say(f"\nwrote {json_path}")
-    if opts.chart:
+    if draw:
         say(f"wrote {chart(report, opts.out / 'timing.png')}")
     return 0 if all(s["ok"] for s in report["scenarios"]) else 1
 
