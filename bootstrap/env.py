@@ -63,6 +63,8 @@ FAILED_PREFIX = ".failed-"
 BROKEN_PREFIX = ".broken-"
 BUILDER_FILE = ".builder"
 TRASH = "trash-"
+#: files of a ``*.dist-info`` an installer writes (the rest is the wheel's own, never rewritten)
+INSTALLER_WRITES = ("RECORD", "INSTALLER", "REQUESTED", "direct_url.json", "uv_cache.json")
 #: a degraded env is reused this long before a boot tries the full set of extras again
 RETRY_FULL_AFTER_S = 600.0
 #: installed bytes per wheel byte: unzipped files plus bytecode (wheels compress about 2-3x)
@@ -897,8 +899,8 @@ def _clone(src: Path, dst: Path) -> None:
 
     A published env is never modified: uv replaces a package by unlinking its files and linking
     new ones, which leaves the other link (in ``src``) untouched; everything uv could open for
-    writing in place — ``bin/``, ``pyvenv.cfg``, the top of site-packages (``*.pth``) and every
-    ``*.dist-info`` — becomes a private copy here.
+    writing in place — ``bin/``, ``pyvenv.cfg``, the top of site-packages (``*.pth``) and the
+    installer-written files of every ``*.dist-info`` — becomes a private copy here.
     """
     entries = [str(e) for e in sorted(src.iterdir()) if e.name not in (READY, BUILDER_FILE)]
     # cp (C) links ~20k files in well under a second; a Python walk takes several.
@@ -909,11 +911,17 @@ def _clone(src: Path, dst: Path) -> None:
         raise EnvBuildError(f"cloning {src} failed: {proc.stderr.strip()[-1000:]}")
     site = _site_packages(dst)
     for dirpath, dirnames, filenames in os.walk(dst):
-        if Path(dirpath) == site:  # below site-packages only the metadata is copied
-            dirnames[:] = [d for d in dirnames if d.endswith(".dist-info")]
+        here = Path(dirpath)
+        if here == site:  # below site-packages only the metadata an installer writes is copied
+            for dist in dirnames:
+                if dist.endswith(".dist-info"):
+                    for name in INSTALLER_WRITES:
+                        if (here / dist / name).is_file():
+                            _private_copy(here / dist / name)
+            dirnames[:] = []
         for name in filenames:
-            path = Path(dirpath) / name
-            if path.is_symlink() or (Path(dirpath) == dst and name == BUILDER_FILE):
+            path = here / name
+            if path.is_symlink() or (here == dst and name == BUILDER_FILE):
                 continue
             _private_copy(path)
 
