@@ -647,9 +647,21 @@ def _build(
             with b.step("venv"):
                 if source is not None:
                     timeline.log(f"cloning {source.name} by hard links (unchanged packages are reused)")
-                    _clone(source, tmp)
-                    b.source = source
-                else:
+                    try:
+                        _clone(source, tmp)
+                        b.source = source
+                    except (OSError, EnvBuildError) as err:
+                        # e.g. no GNU cp, or a filesystem without hard links: build from scratch
+                        timeline.log(f"clone failed ({err}); building from scratch", level="warn")
+                        for entry in tmp.iterdir():
+                            if entry.name == BUILDER_FILE:
+                                continue
+                            if entry.is_dir() and not entry.is_symlink():
+                                remove_tree(entry)
+                            else:
+                                entry.unlink()
+                        source = None
+                if source is None:
                     proc = b.run(
                         [
                             uv,

@@ -304,6 +304,27 @@ def test_one_package_change_clones_the_previous_env_without_touching_it(project:
     assert (site_old / rec).stat().st_ino != (site_new / rec).stat().st_ino
 
 
+@pytest.mark.slow
+def test_a_failing_clone_falls_back_to_a_fresh_build(project: Path, volume: Path, tmp_path: Path) -> None:
+    assert _boot(volume, project, BOOTSTRAP_WORKER_ID="w1").returncode == 0
+    (old,) = published_envs(volume)
+    before = _snapshot(old)
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "cp").write_text(
+        "#!/bin/sh\necho 'cp: cannot create hard link: Operation not permitted' >&2\nexit 1\n"
+    )
+    (fake / "cp").chmod(0o755)
+    changed = fixture_project(project.parent, alpha_pin="==2.0", name="project-alpha2-fallback")
+    proc = _boot(volume, changed, BOOTSTRAP_WORKER_ID="w2", PATH=f"{fake}:{os.environ['PATH']}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    new = volume / ".bootstrap" / "envs" / env_end(proc.stdout)["key"]
+    assert json.loads((new / "READY").read_text())["cloned_from"] is None
+    assert "clone failed" in _boot_log(volume, "w2")
+    check_env_works(new)
+    assert _snapshot(old) == before
+
+
 # -- managed interpreter ------------------------------------------------------------------------
 
 
