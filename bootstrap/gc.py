@@ -130,10 +130,10 @@ def collect(
                     Item("quarantine", p, tree_size(p) if p.is_dir() else _size(p), "old quarantine")
                 )
     if volume.leases.is_dir():
-        for path, rec, age in list_leases(volume.leases):
+        for path, record, age in list_leases(volume.leases):
             # A holder rewrites its lease every TTL/3: one unchanged this long is abandoned.
             if age > max(DEAD_BUILDER_S, 10 * settings.lease_ttl_s):
-                owner = (rec or {}).get("owner", "unknown")
+                owner = (record or {}).get("owner", "unknown")
                 items.append(Item("lease", path, _size(path), f"abandoned lease of {owner}"))
         for p in volume.leases.glob(".*.tmp"):
             if now - _mtime(p) > DEAD_BUILDER_S:
