@@ -817,3 +817,23 @@ def test_a_slow_resolver_costs_the_job_its_deadline_only(pipe: faceswap.FaceSwap
     finally:
         release.set()
     assert time.monotonic() - t0 < 10  # protocol bound: the deadline (1 s), not the resolver (30 s)
+
+
+@pytest.mark.parametrize(("w", "h", "value"), [(3, 5, 31), (11, 11, 128), (7, 2, 200), (1, 1, 255)])
+def test_faces_of_a_few_pixels_are_answered(pipe: faceswap.FaceSwap, w: int, h: int, value: int) -> None:
+    """Dithered specks upscaled into the detector look like faces a few pixels wide; InsightFace's
+    paste-back would fail on their empty mask (found by the property test)."""
+    buf = io.BytesIO()
+    Image.new("RGB", (w, h), (value,) * 3).convert("1").save(buf, "PNG")
+    try:
+        out = pipe.run(
+            {
+                "source_image": b64(encode(picture(200, 200, SOURCE_FACES))),
+                "target_image": b64(buf.getvalue()),
+            }
+        )
+    except faceswap.JobError as err:
+        assert err.code in ("NO_FACE_IN_TARGET", "FACE_INDEX_OUT_OF_RANGE")
+    else:
+        assert out["success"] is True
+        assert decode_result(out).shape == (h, w, 3)

@@ -99,7 +99,10 @@ def warm_up(worker: Worker, settings: Settings) -> None:
             worker.capabilities[name] = {"status": "ok", "reason": None}
             # Which provider really runs the models, in the boot log too (FAILURES F15).
             info = worker.pipelines[name].device()
-            detail.setdefault("device", {})[name] = {"gpu": info.get("gpu"), "providers": info.get("providers")}
+            detail.setdefault("device", {})[name] = {
+                "gpu": info.get("gpu"),
+                "providers": info.get("providers"),
+            }
             if info.get("fallback"):
                 timeline.log(f"{name}: {info['fallback']}", level="warn")
         detail["loaded"] = sorted(worker.pipelines)

@@ -374,6 +374,14 @@ class FaceSwap:
         y1 = min(h, int(np.ceil(footprint[:, 1].max())) + margin)
         if x1 - x0 < 2 or y1 - y0 < 2:  # the face's crop lies outside the picture
             return
+        # INSwapper's paste-back needs some of its warped mask (values > 20) inside the picture,
+        # else it fails on an empty array: a face at the very edge, or a few pixels in size.
+        local_inverse = inverse - np.array([[0, 0, x0], [0, 0, y0]], dtype=np.float64)
+        probe = cv2.warpAffine(
+            np.full((size, size), 255, dtype=np.float32), local_inverse, (x1 - x0, y1 - y0), borderValue=0.0
+        )
+        if not (probe > 20).any():
+            return
         shift = np.array([x0, y0], dtype=np.float32)
         local = Face(
             bbox=np.asarray(face.bbox) - np.concatenate([shift, shift]),
