@@ -51,10 +51,10 @@ from typing import Any
 
 from bootstrap import interpreter as interp
 from bootstrap import lease as leases
-from bootstrap.errors import EnvBuildError
+from bootstrap.errors import EnvBuildError, InsufficientDiskError, format_bytes
 from bootstrap.settings import Settings
 from bootstrap.timeline import Timeline
-from bootstrap.volume import Volume, remove_tree, require_free
+from bootstrap.volume import Volume, disk_usage, remove_tree, require_free
 
 LAYOUT_VERSION = 2
 READY = "READY"
@@ -607,7 +607,17 @@ class _Build:
             cmd.append("--compile-bytecode")
         for extra in extras:
             cmd += ["--extra", extra]
-        return self.run(cmd)
+        proc = self.run(cmd)
+        if proc.returncode != 0 and "No space left on device" in proc.stdout + proc.stderr:
+            # A full disk is no fault of a capability: never degrade for it, say exit 11.
+            free = disk_usage(self.tmp).free
+            raise InsufficientDiskError(
+                f"the disk holding {self.tmp.parent} filled up while uv installed the environment "
+                f"({format_bytes(free)} free now): {_uv_error(proc)[-500:]}",
+                hint="grow the volume, free space with `bootstrap gc`, or raise BOOTSTRAP_MIN_FREE_GB so the "
+                "check before the build keeps more in reserve",
+            )
+        return proc
 
     @contextlib.contextmanager
     def step(self, name: str) -> Iterator[None]:
