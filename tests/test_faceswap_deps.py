@@ -85,12 +85,14 @@ def test_linux_x86_64_installs_only_the_gpu_onnxruntime_and_headless_opencv(pyth
     assert {"insightface", "onnxruntime-gpu", "opencv-python-headless", "boto3"} <= names
     # The CUDA libraries onnxruntime-gpu loads come with the env: the slim image has none.
     assert {
-        "nvidia-cuda-runtime",
-        "nvidia-cublas",
-        "nvidia-cudnn-cu13",
-        "nvidia-cufft",
-        "nvidia-curand",
+        "nvidia-cuda-runtime-cu12",
+        "nvidia-cublas-cu12",
+        "nvidia-cudnn-cu12",
+        "nvidia-cufft-cu12",
+        "nvidia-curand-cu12",
     } <= names
+    # CUDA 12 wheels (driver R525+), not CUDA 13 (R580+): see the pin in pyproject.toml.
+    assert not {n for n in names if n.endswith("-cu13")}
     assert "onnxruntime" not in names
     assert "opencv-python" not in names
 
@@ -170,6 +172,9 @@ def test_built_env_imports_without_libgl_and_passes_the_smoke_test(
         [str(python), "-c", probe], env=env, capture_output=True, text=True, timeout=120, check=False
     )
     assert proc.returncode == 0, proc.stderr
-    assert "libcuda.so.1" in proc.stderr, proc.stderr
+    said = proc.stdout + proc.stderr
+    # The CUDA provider loaded and failed only for want of a driver (which names libcuda, or
+    # says the driver is missing/insufficient, depending on onnxruntime's release).
+    assert "libcuda.so.1" in said or "CUDA driver version is insufficient" in said, said
     for lib in ("libcudart", "libcublas", "libcudnn", "libcufft", "libcurand"):
-        assert f"{lib}.so" not in proc.stderr, proc.stderr
+        assert f"{lib}.so" not in said, said
