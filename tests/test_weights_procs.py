@@ -1,10 +1,9 @@
 """Phase ``weights`` in real processes: kill -9 and resume, eight workers at once (with and
 without locks), a full tmpfs, and a warm boot with the server gone.
 
-The processes run `WEIGHTS_ONLY` — this module as a program: preflight then weights, exactly
-as ``bootstrap run`` does them (phases, budget, exit codes, logs on the volume), without the env
-phase: it is not what these tests are about, and a real env (its import smoke test needs the
-worker's base) would cost minutes per test.
+The processes run the product's own ``bootstrap run --until weights`` on volumes whose
+environment was built once for the session (``env_volume_factory``), so the env phase is a
+reuse and the weights phase is what is measured.
 """
 
 from __future__ import annotations
@@ -29,36 +28,8 @@ from tests.test_weights_verify import onnx_bytes, zip_bytes
 
 pytestmark = pytest.mark.slow
 
-CAP = "wtest"
-WEIGHTS_ONLY = [sys.executable, "-m", "tests.test_weights_procs"]
-
-
-def _weights_only() -> int:
-    """Preflight + weights as `bootstrap.run.run` does them (phases, budget, errors, exit codes)."""
-    from bootstrap.budget import budget
-    from bootstrap.errors import BootstrapError
-    from bootstrap.plan import Plan
-    from bootstrap.settings import Settings
-    from bootstrap.timeline import Timeline
-    from bootstrap.volume import preflight, resolve_volume
-    from bootstrap.weights import ensure_weights
-
-    settings = Settings.from_env()
-    timeline = Timeline.for_settings(settings)
-    plan = Plan(settings.worker_id, "", str(settings.app_dir))
-    try:
-        with timeline.phase("preflight") as detail:
-            volume = resolve_volume(settings)
-            timeline.attach(volume.log_dir(settings.worker_id))
-            detail.update(preflight(settings, volume))
-        with budget(timeline, "weights", settings.budget("weights")), timeline.phase("weights") as detail:
-            ensure_weights(settings, volume, timeline, plan, detail)
-    except BootstrapError as err:
-        print(f"error: {err.message}\nhint: {err.hint}", file=sys.stderr)
-        return err.exit_code
-    finally:
-        timeline.close()
-    return 0
+CAP = "faceswap"  # a selected capability whose env the session builds once
+WEIGHTS_ONLY = [sys.executable, "-m", "bootstrap", "run", "--until", "weights"]
 
 
 def rand_bytes(n: int, seed: int) -> bytes:
@@ -146,13 +117,12 @@ def assert_intact(volume: Path, files: dict[str, bytes], names: list[str]) -> No
 
 
 def test_sigkill_mid_download_then_resume(
-    tmp_path: Path, served: tuple[FaultServer, dict[str, bytes]]
+    tmp_path: Path, served: tuple[FaultServer, dict[str, bytes]], env_volume_factory: Any
 ) -> None:
     srv, files = served
     size = len(files["big.bin"])
     srv.set_rate(2_000_000)  # per connection; 8 connections → ~16 MB/s, ~6 s for the file
-    volume = tmp_path / "vol"
-    volume.mkdir()
+    volume = env_volume_factory(tmp_path / "vol", (CAP,))
     man = manifest(tmp_path, srv.url, ["big.bin"])
     env = boot_env(volume, man, "killed")
     log = open(tmp_path / "first.log", "w")  # noqa: SIM115 - closed below
@@ -210,12 +180,11 @@ NAMES = ["big.bin", "small.onnx", "pack.zip"]
 
 
 def test_eight_workers_fetch_each_file_once(
-    tmp_path: Path, served: tuple[FaultServer, dict[str, bytes]]
+    tmp_path: Path, served: tuple[FaultServer, dict[str, bytes]], env_volume_factory: Any
 ) -> None:
     srv, files = served
     srv.set_rate(6_000_000)  # slow enough that all eight overlap
-    volume = tmp_path / "vol"
-    volume.mkdir()
+    volume = env_volume_factory(tmp_path / "vol", (CAP,))
     man = manifest(tmp_path, srv.url, NAMES)
     results = _run_many(8, volume, man)
     for r in results:
@@ -236,12 +205,11 @@ def test_eight_workers_fetch_each_file_once(
 
 
 def test_eight_workers_without_locks_stay_intact(
-    tmp_path: Path, served: tuple[FaultServer, dict[str, bytes]]
+    tmp_path: Path, served: tuple[FaultServer, dict[str, bytes]], env_volume_factory: Any
 ) -> None:
     srv, files = served
     srv.set_rate(8_000_000)
-    volume = tmp_path / "vol"
-    volume.mkdir()
+    volume = env_volume_factory(tmp_path / "vol", (CAP,))
     names = ["small.onnx", "pack.zip", "big.bin"]
     man = manifest(tmp_path, srv.url, names)
     results = _run_many(8, volume, man, BOOTSTRAP_LOCKS="off")
@@ -252,13 +220,15 @@ def test_eight_workers_without_locks_stay_intact(
 
 
 def test_tmpfs_too_small_exits_11_before_download(
-    tmp_path: Path, served: tuple[FaultServer, dict[str, bytes]]
+    tmp_path: Path, served: tuple[FaultServer, dict[str, bytes]], env_volume_factory: Any
 ) -> None:
+    """The models directory on its own 64 MB filesystem ("every filesystem written")."""
     if not can_mount_tmpfs():
         pytest.skip("needs root to mount a tmpfs")
     srv, _ = served
     man = manifest(tmp_path, srv.url, ["big.bin"])
-    with tmpfs(tmp_path / "small", "64m") as volume:
+    volume = env_volume_factory(tmp_path / "vol", (CAP,))
+    with tmpfs(volume / ".bootstrap" / "models", "64m"):
         proc = weights_only(boot_env(volume, man, "small"), timeout=120)
         assert proc.returncode == 11, proc.stdout[-2000:] + proc.stderr[-2000:]
         assert "bytes" in proc.stderr and "free" in proc.stderr
@@ -268,7 +238,3 @@ def test_tmpfs_too_small_exits_11_before_download(
         models = volume / ".bootstrap" / "models"
         assert [p for p in models.rglob("*") if p.is_file()] == []
         assert not list((volume / ".bootstrap" / "leases").glob("file-*"))
-
-
-if __name__ == "__main__":
-    sys.exit(_weights_only())
