@@ -32,7 +32,9 @@ def timed(cmd: list[str], env: dict[str, str]) -> float:
     proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, check=False)
     elapsed = time.perf_counter() - t0
     if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+        raise SystemExit(
+            f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
+        )
     return elapsed
 
 
@@ -47,7 +49,9 @@ def main() -> None:
         volume.mkdir()
         extras = tuple(e for e in args.extras.split(",") if e)
         seed_uv_cache(volume, extras)
-        env = base_environ(BOOTSTRAP_VOLUME=str(volume), BOOTSTRAP_EXTRAS=args.extras, BOOTSTRAP_LOG_FORMAT="json")
+        env = base_environ(
+            BOOTSTRAP_VOLUME=str(volume), BOOTSTRAP_EXTRAS=args.extras, BOOTSTRAP_LOG_FORMAT="json"
+        )
         boot = [sys.executable, "-m", "bootstrap", "run", "--until", "weights"]
         cold = timed(boot, env)  # builds the env once
         bare = [sys.executable, "-c", "import filelock, psutil"]
@@ -56,10 +60,14 @@ def main() -> None:
             warm_runs.append(timed(offline + boot, env))
             bare_runs.append(timed(bare, env))
     warm, floor = statistics.median(warm_runs), statistics.median(bare_runs)
-    print(f"machine: {os.cpu_count()} cores, python {sys.version.split()[0]}, extras={args.extras or '(base)'}")
+    print(
+        f"machine: {os.cpu_count()} cores, python {sys.version.split()[0]}, extras={args.extras or '(base)'}"
+    )
     print(f"cold boot (env build with a seeded uv cache): {cold * 1000:8.1f} ms")
-    print(f"warm `run --until weights` median of {args.repeat}:  {warm * 1000:8.1f} ms"
-          f"{'  (no network namespace: zero network calls proven)' if offline else '  (unshare unavailable: network not blocked)'}")
+    print(
+        f"warm `run --until weights` median of {args.repeat}:  {warm * 1000:8.1f} ms"
+        f"{'  (no network namespace: zero network calls proven)' if offline else '  (unshare unavailable: network not blocked)'}"
+    )
     print(f"bare `python -c 'import filelock, psutil'`:      {floor * 1000:8.1f} ms")
     print(f"ratio warm boot / bare python: {warm / floor:.2f}x  (target <= 1.5x)")
 

@@ -115,7 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("gc", help="remove unused envs, dead builders' leftovers, old quarantine")
     p.add_argument("--dry-run", action="store_true", help="list what would go and how much, remove nothing")
-    p.add_argument("--models", action="store_true", help="also verified model files the manifest does not list")
+    p.add_argument(
+        "--models", action="store_true", help="also verified model files the manifest does not list"
+    )
     p.set_defaults(func=_cmd_gc)
 
     p = sub.add_parser(

@@ -51,7 +51,11 @@ def env_volume_factory(tmp_path_factory: pytest.TempPathFactory):  # type: ignor
             seed_uv_cache(template, key)
             proc = run_bootstrap(
                 ["run", "--until", "env"],
-                base_environ(BOOTSTRAP_VOLUME=str(template), BOOTSTRAP_EXTRAS=",".join(key), BOOTSTRAP_WORKER_ID="template"),
+                base_environ(
+                    BOOTSTRAP_VOLUME=str(template),
+                    BOOTSTRAP_EXTRAS=",".join(key),
+                    BOOTSTRAP_WORKER_ID="template",
+                ),
                 timeout=900,
             )
             assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -28,7 +28,9 @@ SCRUBBED_PREFIXES = ("AWS_", "HF_", "RUNPOD_", "BUCKET_", "BOOTSTRAP_", "WORKER_
 
 #: A uv cache shared by the test session (and kept between runs on one machine), copied into
 #: each test volume by hard links so env builds do not download the same wheels again.
-SHARED_UV_CACHE = Path(os.environ.get("VW_TEST_UV_CACHE", Path.home() / ".cache" / "volume-worker-tests" / "uv-cache"))
+SHARED_UV_CACHE = Path(
+    os.environ.get("VW_TEST_UV_CACHE", Path.home() / ".cache" / "volume-worker-tests" / "uv-cache")
+)
 
 
 def base_environ(**overrides: str) -> dict[str, str]:
@@ -101,15 +103,27 @@ def phases_in_order(events: list[dict[str, Any]]) -> list[str]:
     return seen
 
 
-def run_bootstrap(args: list[str], env: Mapping[str, str], *, timeout: float = 600, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*BOOTSTRAP, *args], env=dict(env), cwd=cwd or REPO, capture_output=True, text=True, timeout=timeout, check=False)
+def run_bootstrap(
+    args: list[str], env: Mapping[str, str], *, timeout: float = 600, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*BOOTSTRAP, *args],
+        env=dict(env),
+        cwd=cwd or REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
 
 
 def post_json(url: str, payload: Any, timeout: float = 120) -> tuple[int, Any]:
     import urllib.error
     import urllib.request
 
-    req = urllib.request.Request(url, data=json.dumps(payload).encode(), headers={"content-type": "application/json"}, method="POST")
+    req = urllib.request.Request(
+        url, data=json.dumps(payload).encode(), headers={"content-type": "application/json"}, method="POST"
+    )
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:  # loopback only
             return resp.status, json.loads(resp.read())
@@ -128,7 +142,14 @@ class WorkerProcess:
         self.port = port
         self.log = log
         self._log_file = open(log, "w")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(argv, env=dict(env), cwd=REPO, stdout=self._log_file, stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(
+            argv,
+            env=dict(env),
+            cwd=REPO,
+            stdout=self._log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
     @property
     def url(self) -> str:

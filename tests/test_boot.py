@@ -100,7 +100,14 @@ def test_start_sh_boots_a_worker_that_answers_health(tmp_path: Path, volume: Pat
     # A warm boot makes zero network calls: it succeeds in a namespace with no network at all.
     if os.geteuid() == 0 and shutil.which("unshare"):
         env = base_environ(BOOTSTRAP_VOLUME=str(volume), BOOTSTRAP_EXTRAS="", BOOTSTRAP_WORKER_ID="offline")
-        proc = subprocess.run(["unshare", "--net", *BOOTSTRAP, "run", "--until", "weights"], env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+        proc = subprocess.run(
+            ["unshare", "--net", *BOOTSTRAP, "run", "--until", "weights"],
+            env=env,
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
@@ -117,17 +124,25 @@ def test_bad_job_input_is_answered_and_the_worker_keeps_serving(tmp_path: Path, 
         worker.stop()
     assert unknown["output"]["success"] is False
     assert unknown["output"]["code"] == "UNKNOWN_TASK"
-    assert bad_task["output"] == {"success": False, "code": "INVALID_INPUT", "message": "'task' must be a string"}
+    assert bad_task["output"] == {
+        "success": False,
+        "code": "INVALID_INPUT",
+        "message": "'task' must be a string",
+    }
     # A capability this worker does not have is the operator's fault: a RunPod error.
     assert no_capability["status"] == "FAILED", no_capability
     assert "faceswap" in no_capability["error"]
     assert health["output"]["status"] == "ok"
 
 
-def test_weights_failure_with_serve_error_answers_jobs_then_exits_13(tmp_path: Path, env_volume_factory) -> None:  # type: ignore[no-untyped-def]
+def test_weights_failure_with_serve_error_answers_jobs_then_exits_13(
+    tmp_path: Path, env_volume_factory
+) -> None:  # type: ignore[no-untyped-def]
     manifest = tmp_path / "models.toml"
     missing = tmp_path / "nowhere" / "model.bin"
-    manifest.write_text(f'[[file]]\ndest = "m/model.bin"\nsource = "file://{missing}"\nformat = "raw"\ncapability = "faceswap"\n')
+    manifest.write_text(
+        f'[[file]]\ndest = "m/model.bin"\nsource = "file://{missing}"\nformat = "raw"\ncapability = "faceswap"\n'
+    )
     start = _render(tmp_path)
     volume = env_volume_factory(tmp_path / "vol", ("faceswap",))
     port = free_port()
@@ -160,4 +175,3 @@ def test_weights_failure_with_serve_error_answers_jobs_then_exits_13(tmp_path: P
     assert fail["phase"] == "weights"
     assert fail["detail"]["code"] == 13 and fail["detail"]["name"] == "WEIGHTS"
     assert fail["detail"]["hint"]
-

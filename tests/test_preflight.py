@@ -22,7 +22,9 @@ def test_unwritable_volume_exits_10_with_a_hint(tmp_path: Path) -> None:
     ro.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(ro)], check=True)
     try:
-        proc = run_bootstrap(["run"], base_environ(BOOTSTRAP_VOLUME=str(ro), BOOTSTRAP_EXTRAS=""), cwd=tmp_path)
+        proc = run_bootstrap(
+            ["run"], base_environ(BOOTSTRAP_VOLUME=str(ro), BOOTSTRAP_EXTRAS=""), cwd=tmp_path
+        )
     finally:
         subprocess.run(["umount", "-l", str(ro)], check=False)
     assert proc.returncode == 10, proc.stdout + proc.stderr
@@ -36,8 +38,14 @@ def test_unwritable_volume_exits_10_with_a_hint(tmp_path: Path) -> None:
 @needs_root
 def test_too_small_volume_exits_11_with_bytes_needed_and_free(tmp_path: Path) -> None:
     with tmpfs(tmp_path / "small", "64m") as vol:
-        proc = run_bootstrap(["run"], base_environ(BOOTSTRAP_VOLUME=str(vol), BOOTSTRAP_EXTRAS=""), cwd=tmp_path)
-        events = read_jsonl(vol / ".bootstrap" / "logs" / "vm" / "boot.jsonl") if (vol / ".bootstrap" / "logs" / "vm").exists() else []
+        proc = run_bootstrap(
+            ["run"], base_environ(BOOTSTRAP_VOLUME=str(vol), BOOTSTRAP_EXTRAS=""), cwd=tmp_path
+        )
+        events = (
+            read_jsonl(vol / ".bootstrap" / "logs" / "vm" / "boot.jsonl")
+            if (vol / ".bootstrap" / "logs" / "vm").exists()
+            else []
+        )
     assert proc.returncode == 11, proc.stdout + proc.stderr
     assert "not enough space for the volume's reserve" in proc.stderr
     assert "2.00 GB (2000000000 bytes)" in proc.stderr  # the reserve, in GB and bytes
@@ -78,7 +86,10 @@ def test_resolution_order(tmp_path: Path) -> None:
     # Nothing mounted and not required: ./.volume, marked degraded for run, not for serve.
     vol = resolve_volume(settings, is_mount=lambda p: p in mounts, cwd=tmp_path)
     assert vol == Volume((tmp_path / ".volume").resolve(), "./.volume", degraded=True)
-    assert resolve_volume(settings, allow_local=True, is_mount=lambda p: p in mounts, cwd=tmp_path).degraded is False
+    assert (
+        resolve_volume(settings, allow_local=True, is_mount=lambda p: p in mounts, cwd=tmp_path).degraded
+        is False
+    )
     mounts.add(Path("/workspace"))
     assert resolve_volume(settings, is_mount=lambda p: p in mounts).how == "/workspace"
     mounts.add(Path("/runpod-volume"))
@@ -94,7 +105,9 @@ def test_require_free_names_the_filesystem_and_numbers(tmp_path: Path) -> None:
     from bootstrap.volume import DiskUsage
 
     with pytest.raises(InsufficientDiskError) as info:
-        require_free(tmp_path, 3 * 10**9, 2 * 10**9, what="the env", usage=lambda p: DiskUsage(10**10, 0, 4 * 10**9))
+        require_free(
+            tmp_path, 3 * 10**9, 2 * 10**9, what="the env", usage=lambda p: DiskUsage(10**10, 0, 4 * 10**9)
+        )
     err = info.value
     assert err.exit_code == 11
     assert "needs 3.00 GB (3000000000 bytes) plus a reserve of 2.00 GB (2000000000 bytes)" in err.message

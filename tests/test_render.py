@@ -32,7 +32,9 @@ def test_rendered_start_sh_passes_bash_n_and_shellcheck(tmp_path: Path) -> None:
     sc = subprocess.run([_bin("shellcheck"), "--severity=style", str(out)], capture_output=True, text=True)
     assert sc.returncode == 0, sc.stdout
     # No logic beyond exec: the only commands are set, cd and exec of bootstrap run.
-    commands = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    commands = [
+        line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")
+    ]
     assert commands[0] == "set -euo pipefail"
     assert commands[1].startswith("cd ")
     assert re.fullmatch(r'exec .*bootstrap run "\$@"', commands[-1]), commands[-1]
@@ -42,13 +44,17 @@ def test_rendered_start_sh_passes_bash_n_and_shellcheck(tmp_path: Path) -> None:
 def test_bad_template_exits_2_with_a_hint(tmp_path: Path) -> None:
     template = tmp_path / "start.sh.tmpl"
     template.write_text("#!/usr/bin/env bash\nexec {{BOOTSTRAP}} run --volume {{VOLUME_PATH}}\n")
-    proc = run_bootstrap(["render", "--template", str(template), "--output", str(tmp_path / "start.sh")], base_environ())
+    proc = run_bootstrap(
+        ["render", "--template", str(template), "--output", str(tmp_path / "start.sh")], base_environ()
+    )
     assert proc.returncode == 2
     assert "no value for placeholder(s) VOLUME_PATH" in proc.stderr
     assert "hint: give each with --set NAME=VALUE" in proc.stderr
     assert not (tmp_path / "start.sh").exists()
     # Given the value, it renders; bash's own ${...} is left alone.
-    template.write_text('#!/usr/bin/env bash\necho "${HOME}"\nexec {{BOOTSTRAP}} run --volume {{VOLUME_PATH}}\n')
+    template.write_text(
+        '#!/usr/bin/env bash\necho "${HOME}"\nexec {{BOOTSTRAP}} run --volume {{VOLUME_PATH}}\n'
+    )
     proc = run_bootstrap(["render", "--template", str(template), "--set", "VOLUME_PATH=/v"], base_environ())
     assert proc.returncode == 0, proc.stderr
     assert 'echo "${HOME}"' in (tmp_path / "start.sh").read_text()
@@ -126,7 +132,10 @@ def test_the_images_bootstrap_requirements_export_works() -> None:
     """The Dockerfile installs bootstrap's group from uv.lock with exactly this command."""
     proc = subprocess.run(
         ["uv", "export", "--frozen", "--only-group", "bootstrap", "--no-hashes", "--no-emit-project"],
-        cwd=REPO, capture_output=True, text=True, env=base_environ(),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=base_environ(),
     )
     assert proc.returncode == 0, proc.stderr
     names = {line.split("==")[0] for line in proc.stdout.splitlines() if "==" in line}

@@ -26,7 +26,11 @@ def test_defaults_match_the_spec(tmp_path: Path) -> None:
     assert dict(s.phase_budget_s) == {"preflight": 60, "env": 1800, "weights": 1800, "warm": 600}
     assert (s.on_fatal, s.fatal_grace_s, s.log_format, s.python) == ("exit", 600, "text", "system")
     assert s.serve_api is None and s.locks is True and s.require_gpu is False
-    assert (s.worker_concurrency, s.worker_max_input_bytes, s.worker_max_pixels) == (1, 25 * 1024 * 1024, 40_000_000)
+    assert (s.worker_concurrency, s.worker_max_input_bytes, s.worker_max_pixels) == (
+        1,
+        25 * 1024 * 1024,
+        40_000_000,
+    )
     with pytest.raises(dataclasses.FrozenInstanceError):
         s.debug = True  # type: ignore[misc]
 
@@ -121,7 +125,12 @@ def test_exit_code_table_matches_the_spec() -> None:
         (0, "OK"), (1, "INTERNAL"), (2, "CONFIG"), (10, "VOLUME"), (11, "DISK"), (12, "ENV"),
         (13, "WEIGHTS"), (14, "LOCK"), (15, "WARM"), (16, "GPU"), (17, "BUDGET"),
     ]  # fmt: skip
-    assert WeightsError("x").as_detail() == {"code": 13, "name": "WEIGHTS", "error": "x", "hint": errors.BY_CODE[13].todo}
+    assert WeightsError("x").as_detail() == {
+        "code": 13,
+        "name": "WEIGHTS",
+        "error": "x",
+        "hint": errors.BY_CODE[13].todo,
+    }
 
 
 def test_timeline_phase_records_fail_and_survives_a_torn_line(tmp_path: Path) -> None:
@@ -137,7 +146,12 @@ def test_timeline_phase_records_fail_and_survives_a_torn_line(tmp_path: Path) ->
         f.write('{"ts": 1, "phase": "we')  # a worker killed mid-write
     events = read_events(jsonl)
     assert [(e["phase"], e["event"]) for e in events] == [("weights", "start"), ("weights", "fail")]
-    assert events[1]["detail"] == {"code": 13, "name": "WEIGHTS", "error": "model missing", "hint": "fetch it"}
+    assert events[1]["detail"] == {
+        "code": 13,
+        "name": "WEIGHTS",
+        "error": "model missing",
+        "hint": "fetch it",
+    }
     assert set(events[1]) == {"ts", "worker", "phase", "event", "ms", "detail"}
     assert "hint: fetch it" in (tmp_path / "logs" / "w9" / "boot.log").read_text()
     assert "weights   fail" in stream.getvalue()
@@ -148,7 +162,12 @@ def test_budget_exceeded_exits_17_and_kills_uv(tmp_path: Path, volume: Path) -> 
     # A fresh volume with an empty uv cache: the env build takes longer than a 1 s budget.
     proc = run_bootstrap(
         ["run", "--until", "env"],
-        base_environ(BOOTSTRAP_VOLUME=str(volume), BOOTSTRAP_EXTRAS="", BOOTSTRAP_PHASE_BUDGET_S="env=1", BOOTSTRAP_WORKER_ID="b1"),
+        base_environ(
+            BOOTSTRAP_VOLUME=str(volume),
+            BOOTSTRAP_EXTRAS="",
+            BOOTSTRAP_PHASE_BUDGET_S="env=1",
+            BOOTSTRAP_WORKER_ID="b1",
+        ),
         timeout=120,
     )
     assert proc.returncode == 17, proc.stdout + proc.stderr
