@@ -46,7 +46,9 @@ from pathlib import Path
 from typing import Any
 
 from bootstrap import errors
+from bootstrap.env import pyvenv_home, read_ready
 from bootstrap.errors import BootstrapError, InsufficientDiskError, VolumeError
+from bootstrap.lease import holder_dead_here
 from bootstrap.manifest import ModelFile
 from bootstrap.settings import (
     CONTAINER_DISK_MIN_FREE,
@@ -308,16 +310,6 @@ def _fs_type(path: Path) -> str:
         return best or "unknown"
     except OSError:
         return "unknown"
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 @dataclass
@@ -671,25 +663,6 @@ def _volume_checks(ctx: Context, vol: Volume) -> list[Check]:
 # -- env --------------------------------------------------------------------------------------
 
 
-def _read_ready(path: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads((path / "READY").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
-def _pyvenv_home(env_dir: Path) -> str | None:
-    try:
-        for line in (env_dir / "pyvenv.cfg").read_text(encoding="utf-8").splitlines():
-            key, sep, value = line.partition("=")
-            if sep and key.strip() == "home":
-                return value.strip()
-    except OSError:
-        return None
-    return None
-
-
 _IDENTITY = (
     "import json, platform, sys, sysconfig;"
     "print(json.dumps({'implementation': sys.implementation.name, 'version': platform.python_version(),"
@@ -713,9 +686,7 @@ def _describe_python(p: Mapping[str, Any]) -> str:
 def _stale_lease(ctx: Context, record: dict[str, Any] | None, age: float) -> bool:
     if age >= ctx.settings.lease_ttl_s:
         return True
-    if record and record.get("host") == ctx.hostname and isinstance(record.get("pid"), int):
-        return not _pid_alive(record["pid"])
-    return False
+    return holder_dead_here(record)
 
 
 def _live_env_leases(ctx: Context) -> dict[str, dict[str, Any]]:
@@ -754,7 +725,7 @@ def check_env(ctx: Context) -> list[Check]:
         return checks + ctx.no_volume()
     deadline = time.monotonic() + o.size_budget_s
     final = vol.envs / key
-    ready = _read_ready(final) if final.is_dir() else None
+    ready = read_ready(final) if final.is_dir() else None
     entries = sorted(vol.envs.iterdir()) if vol.envs.is_dir() else []
     tmp_prefix = envmod.TMP_PREFIX
     others = [p for p in entries if p.is_dir() and p.name != key and not p.name.startswith((tmp_prefix, "."))]
@@ -807,7 +778,7 @@ def check_env(ctx: Context) -> list[Check]:
         )
     lines = []
     for p in others:
-        rec = _read_ready(p)
+        rec = read_ready(p)
         size = _size_text(_dir_size(p, deadline), o.size_budget_s)
         if rec is None:
             lines.append(f"{p.name}: not READY, {size}")
@@ -866,7 +837,7 @@ def _not_ready_check(
             "BOOTSTRAP_EXTRAS; uv's full error is in the builder's boot.log",
         )
     for p in others:
-        rec = _read_ready(p)
+        rec = read_ready(p)
         if rec is None:
             continue
         theirs = rec.get("inputs") or {}
@@ -900,7 +871,7 @@ def _not_ready_check(
         )
     changed = ""
     for p in others:
-        theirs = (_read_ready(p) or {}).get("inputs") or {}
+        theirs = (read_ready(p) or {}).get("inputs") or {}
         if theirs.get("python") == inputs.get("python") and theirs.get("uv_lock") != inputs.get("uv_lock"):
             changed = f" (uv.lock changed since envs/{p.name} was built)"
             break
@@ -959,7 +930,7 @@ def _interpreter_check(ctx: Context, final: Path, expected: Mapping[str, Any]) -
     if want_path and not Path(want_path).is_absolute():
         want_path = str(vol.root / want_path)  # a managed interpreter, recorded relative to the volume
     want_home = os.path.realpath(Path(want_path).parent) if want_path else ""
-    home = _pyvenv_home(final)
+    home = pyvenv_home(final)
     fix = f"delete the broken environment (rm -rf {final}) and run `bootstrap prepare` from this image"
     if home is None:
         return Check("interpreter", Status.BROKEN, f"{final}/pyvenv.cfg is missing or has no home", hint=fix)
@@ -1106,9 +1077,7 @@ def check_leases(ctx: Context) -> list[Check]:
         who = f"{owner} (pid {pid} on host {host}){held_for}, renewed {human_age(age)} ago{subject}"
         if record is None:
             who = f"an unreadable record, last changed {human_age(age)} ago"
-        dead_here = (
-            rec.get("host") == ctx.hostname and isinstance(rec.get("pid"), int) and not _pid_alive(rec["pid"])
-        )
+        dead_here = holder_dead_here(record)
         if age >= s.lease_ttl_s or dead_here:
             why = (
                 f"pid {pid} is not running on this host"

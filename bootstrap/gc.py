@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import socket
 import time
 import uuid
 from dataclasses import dataclass
@@ -32,7 +31,7 @@ from typing import IO
 
 from bootstrap import env as envmod
 from bootstrap.errors import BootstrapError
-from bootstrap.lease import _pid_alive, list_leases
+from bootstrap.lease import holder_dead_here, list_leases
 from bootstrap.settings import Settings
 from bootstrap.volume import Volume, remove_tree, resolve_volume, tree_size
 
@@ -82,11 +81,10 @@ def live_lease_names(volume: Volume, ttl_s: float) -> set[str]:
     """Names of leases whose file changed within the TTL (a holder renews every TTL/3) and
     whose holder, if on this host, is alive."""
     live = set()
-    here = socket.gethostname()
     for path, rec, age in list_leases(volume.leases):
         if age >= ttl_s:
             continue
-        if rec and rec.get("host") == here and isinstance(rec.get("pid"), int) and not _pid_alive(rec["pid"]):
+        if holder_dead_here(rec):
             continue
         live.add(path.name.removesuffix(".lease"))
     return live

@@ -90,6 +90,19 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def holder_dead_here(record: dict[str, Any] | None) -> bool:
+    """True when ``record``'s holder is provably dead: same host, same pid namespace (a record
+    without one is trusted on the host alone), and its pid is not running. Holders elsewhere
+    are judged only by the lease file going unchanged for the TTL."""
+    if not record or not isinstance(record.get("pid"), int):
+        return False
+    if record.get("host") != socket.gethostname():
+        return False
+    if record.get("pidns", _pid_namespace()) != _pid_namespace():
+        return False
+    return record["pid"] != os.getpid() and not _pid_alive(record["pid"])
+
+
 def _write_temp(directory: Path, record: dict[str, Any]) -> Path:
     tmp = directory / f".{record['token']}.{uuid.uuid4().hex[:8]}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
@@ -262,13 +275,7 @@ def acquire(
             observed, unchanged_since = current, now
         holder = read_lease(path) or {}
         # A dead pid proves a dead holder only in our own pid namespace on our own host.
-        dead_here = (
-            holder.get("host") == record["host"]
-            and holder.get("pidns", record["pidns"]) == record["pidns"]
-            and isinstance(holder.get("pid"), int)
-            and holder["pid"] != os.getpid()
-            and not _pid_alive(holder["pid"])
-        )
+        dead_here = holder_dead_here(holder)
         if current is not None and (dead_here or now - unchanged_since >= ttl_s):
             if _take_over(path, record, current, settle_s):
                 lease = Lease(path=path, record=record, ttl_s=ttl_s)
