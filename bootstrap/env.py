@@ -301,11 +301,30 @@ def _uv_env(settings: Settings, volume: Volume, target: Path) -> dict[str, str]:
 def _run(
     cmd: list[str], env: dict[str, str], cwd: Path, timeline: Timeline
 ) -> subprocess.CompletedProcess[str]:
+    """Run uv, streaming its output into the boot log line by line as it comes (a cold build
+    takes minutes: a silent one looks hung in RunPod's log view), and keep it for errors."""
     timeline.log("$ " + " ".join(cmd))
-    proc = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, check=False)
-    for line in (proc.stdout + proc.stderr).splitlines():
-        timeline.log(f"  {line}")
-    return proc
+    with subprocess.Popen(
+        cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, errors="replace"
+    ) as proc:
+        out: list[str] = []
+
+        def pump_stdout() -> None:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                out.append(line)
+                timeline.log(f"  {line.rstrip()}")
+
+        reader = threading.Thread(target=pump_stdout, name="uv-stdout", daemon=True)
+        reader.start()
+        err: list[str] = []
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            err.append(line)
+            timeline.log(f"  {line.rstrip()}")
+        returncode = proc.wait()
+        reader.join()
+    return subprocess.CompletedProcess(cmd, returncode, "".join(out), "".join(err))
 
 
 def _uv_error(proc: subprocess.CompletedProcess[str]) -> str:
