@@ -54,7 +54,7 @@ from bootstrap import lease as leases
 from bootstrap.errors import EnvBuildError, InsufficientDiskError, format_bytes
 from bootstrap.settings import Settings
 from bootstrap.timeline import Timeline
-from bootstrap.volume import Volume, disk_usage, remove_tree, require_free
+from bootstrap.volume import Volume, disk_usage, fsync_dir, remove_tree, require_free
 
 LAYOUT_VERSION = 2
 READY = "READY"
@@ -330,14 +330,6 @@ def _run(
 def _uv_error(proc: subprocess.CompletedProcess[str]) -> str:
     text = proc.stderr.strip() or proc.stdout.strip() or f"exit status {proc.returncode}"
     return text[-ERROR_TAIL:]
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _site_packages(env: Path) -> Path:
@@ -744,7 +736,7 @@ def _build(
                 json.dump(record, f, indent=2, sort_keys=True)
                 f.flush()
                 os.fsync(f.fileno())
-            _fsync_dir(tmp)
+            fsync_dir(tmp)
         published = _publish(tmp, final, timeline)
     except BaseException:
         _discard(tmp)
@@ -783,7 +775,7 @@ def _publish(tmp: Path, final: Path, timeline: Timeline) -> bool:
         timeline.log(f"another worker published {final.name} first; using theirs")
         _discard(tmp)
         return False
-    _fsync_dir(final.parent)
+    fsync_dir(final.parent)
     return True
 
 

@@ -198,6 +198,16 @@ def require_free(
     return du
 
 
+def fsync_dir(path: Path) -> None:
+    """Make a rename inside ``path`` durable (best effort: some filesystems refuse a directory fsync)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 def write_probe(base: Path) -> float:
     """Write, fsync, read back, rename and delete a small file under ``base``; return ms taken."""
     t0 = time.monotonic()

@@ -44,9 +44,9 @@ from bootstrap.manifest import ModelFile, load_manifest, selected
 from bootstrap.plan import Plan
 from bootstrap.settings import Settings
 from bootstrap.timeline import Timeline
-from bootstrap.volume import Volume, require_free
+from bootstrap.volume import Volume, fsync_dir, require_free
 from bootstrap.weights.progress import Progress
-from bootstrap.weights.records import check_verified, fsync_dir, quarantine, read_record, write_record
+from bootstrap.weights.records import check_verified, quarantine, read_record, write_record
 from bootstrap.weights.sources import Probe, Source, SourceFailed, Transient, make_source, mirror_url
 from bootstrap.weights.transfer import (
     Aborted,

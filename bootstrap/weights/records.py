@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from bootstrap.manifest import ModelFile
-from bootstrap.volume import Volume
+from bootstrap.volume import Volume, fsync_dir
 from bootstrap.weights.verify import format_for, sniff
 
 
@@ -82,15 +82,6 @@ def _check_one(path: Path, size: object, fmt: str) -> str | None:
     if why:
         return f"{path} fails the {fmt} sniff: {why}"
     return None
-
-
-def fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def write_record(volume: Volume, dest: str, record: dict[str, Any]) -> Path:
