@@ -57,7 +57,13 @@ def warm_up(worker: Worker, settings: Settings) -> None:
     plan, timeline = worker.plan, worker.timeline
     enabled: list[str] = []
     with timeline.phase("import") as detail:
-        import runpod  # noqa: F401 - the SDK must import before anything else counts as ready
+        try:
+            import runpod  # noqa: F401 - the SDK must import before anything else counts as ready
+        except Exception as err:
+            raise WarmLoadError(
+                f"the runpod SDK does not import in {sys.prefix}: {type(err).__name__}: {err}",
+                hint=f"the environment is damaged: run `bootstrap diagnose`; moving {sys.prefix} aside makes the next boot rebuild it",
+            ) from err
 
         for name, cap in plan.capabilities.items():
             if cap.status != "ok":
