@@ -14,7 +14,6 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +29,7 @@ from tests.helpers import (
     read_jsonl,
     run_bootstrap,
     seed_uv_cache,
+    tmpfs,
 )
 
 needs_root = pytest.mark.skipif(not can_mount_tmpfs(), reason="needs root to mount tmpfs")
@@ -81,16 +81,6 @@ def assert_broken(
     ]
     assert first[0].endswith(": broken"), first
     return c
-
-
-@contextlib.contextmanager
-def mounted_tmpfs(path: Path, size: str) -> Iterator[Path]:
-    path.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=True)
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=False)
 
 
 def lay_out(volume: Path, tmp_path: Path, **env: str) -> None:
@@ -232,7 +222,7 @@ def test_no_volume(tmp_path: Path) -> None:
 @needs_root
 def test_unwritable_volume(tmp_path: Path) -> None:
     vol = tmp_path / "vol"
-    with mounted_tmpfs(vol, "16m"):
+    with tmpfs(vol, "16m"):
         lay_out(vol, tmp_path, BOOTSTRAP_MIN_FREE_GB="0.001")
         subprocess.run(["mount", "-o", "remount,ro", str(vol)], check=True)
         env = base_environ(BOOTSTRAP_VOLUME=str(vol), BOOTSTRAP_EXTRAS="", BOOTSTRAP_MIN_FREE_GB="0.001")
@@ -247,7 +237,7 @@ def test_unwritable_volume(tmp_path: Path) -> None:
 @needs_root
 def test_full_disk(tmp_path: Path) -> None:
     vol = tmp_path / "vol"
-    with mounted_tmpfs(vol, "8m"):
+    with tmpfs(vol, "8m"):
         env = base_environ(BOOTSTRAP_VOLUME=str(vol), BOOTSTRAP_EXTRAS="", BOOTSTRAP_MIN_FREE_GB="0.001")
         lay_out(vol, tmp_path, BOOTSTRAP_MIN_FREE_GB="0.001")
         with open(vol / "filler", "wb") as f, contextlib.suppress(OSError):
