@@ -337,19 +337,20 @@ class Transfer:
                     body.close()
             except Transient as err:
                 failures += 1
-                with self.lock:
-                    self.errors.append(str(err))
-                if failures > self.options.retries:
-                    raise SourceFailed(
-                        f"{self.source.label}: gave up after {failures} failures: {err}"
-                    ) from None
-                if err.retry_after is not None:
-                    delay = min(err.retry_after, self.options.max_retry_after_s)
-                else:
-                    delay = min(self.options.backoff_s * 2 ** (failures - 1), 10.0)
-                self.stop.wait(delay)
+                self.stop.wait(self._retry_delay(err, failures))
                 with contextlib.suppress(Exception):
                     conn.close()
+
+    def _retry_delay(self, err: Transient, failures: int) -> float:
+        """Record a transient failure; the wait before the next try (Retry-After when the server
+        gave one, else exponential backoff), or `SourceFailed` once the retries are spent."""
+        with self.lock:
+            self.errors.append(str(err))
+        if failures > self.options.retries:
+            raise SourceFailed(f"{self.source.label}: gave up after {failures} failures: {err}") from None
+        if err.retry_after is not None:
+            return min(err.retry_after, self.options.max_retry_after_s)
+        return min(self.options.backoff_s * 2 ** (failures - 1), 10.0)
 
     def _read_into(self, body: Any, piece: _Piece, buf: memoryview) -> None:
         fd = self.fd
@@ -399,18 +400,7 @@ class Transfer:
                     return
                 except Transient as err:
                     failures += 1
-                    with self.lock:
-                        self.errors.append(str(err))
-                    if failures > self.options.retries:
-                        raise SourceFailed(
-                            f"{self.source.label}: gave up after {failures} failures: {err}"
-                        ) from None
-                    delay = (
-                        err.retry_after
-                        if err.retry_after is not None
-                        else self.options.backoff_s * 2 ** (failures - 1)
-                    )
-                    time.sleep(min(delay, self.options.max_retry_after_s))
+                    time.sleep(self._retry_delay(err, failures))
                     body.close()
                     if conn is not None:
                         conn.close()
