@@ -350,7 +350,7 @@ class Transfer:
             raise SourceFailed(f"{self.source.label}: gave up after {failures} failures: {err}") from None
         if err.retry_after is not None:
             return float(min(err.retry_after, self.options.max_retry_after_s))
-        return min(self.options.backoff_s * 2 ** (failures - 1), 10.0)
+        return min(self.options.backoff_s * 2.0 ** (failures - 1), 10.0)
 
     def _read_into(self, body: Any, piece: _Piece, buf: memoryview) -> None:
         fd = self.fd
