@@ -233,14 +233,7 @@ def _probe(ctx: _Context, source: Source) -> Probe:
             return source.probe()
         except Transient as err:
             failures += 1
-            if failures > ctx.options.retries:
-                raise SourceFailed(f"gave up after {failures} failures: {err}") from None
-            delay = (
-                err.retry_after
-                if err.retry_after is not None
-                else ctx.options.backoff_s * 2 ** (failures - 1)
-            )
-            if ctx.abort.wait(min(delay, ctx.options.max_retry_after_s)):
+            if ctx.abort.wait(ctx.options.retry_delay(err, failures, source.label)):
                 raise Aborted("stopped: another required file failed") from None
 
 

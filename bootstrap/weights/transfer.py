@@ -61,6 +61,15 @@ class FetchOptions:
     sync_every_s: float = 1.0
     progress_every_s: float = 5.0
 
+    def retry_delay(self, err: Transient, failures: int, label: str) -> float:
+        """The wait before try ``failures + 1`` (the server's Retry-After, else exponential
+        backoff up to 10 s), or `SourceFailed` once the retries are spent."""
+        if failures > self.retries:
+            raise SourceFailed(f"{label}: gave up after {failures} failures: {err}") from None
+        if err.retry_after is not None:
+            return float(min(err.retry_after, self.max_retry_after_s))
+        return min(self.backoff_s * 2.0 ** (failures - 1), 10.0)
+
 
 class Aborted(Exception):
     """Stopped from outside (another required file failed); the journal keeps what was synced."""
@@ -342,15 +351,10 @@ class Transfer:
                     conn.close()
 
     def _retry_delay(self, err: Transient, failures: int) -> float:
-        """Record a transient failure; the wait before the next try (Retry-After when the server
-        gave one, else exponential backoff), or `SourceFailed` once the retries are spent."""
+        """Record a transient failure and return `FetchOptions.retry_delay`."""
         with self.lock:
             self.errors.append(str(err))
-        if failures > self.options.retries:
-            raise SourceFailed(f"{self.source.label}: gave up after {failures} failures: {err}") from None
-        if err.retry_after is not None:
-            return float(min(err.retry_after, self.options.max_retry_after_s))
-        return min(self.options.backoff_s * 2.0 ** (failures - 1), 10.0)
+        return self.options.retry_delay(err, failures, self.source.label)
 
     def _read_into(self, body: Any, piece: _Piece, buf: memoryview) -> None:
         fd = self.fd
