@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import IO
 
 from bootstrap.budget import budget
+from bootstrap.capabilities import capability_table, select
 from bootstrap.env import ensure_env
 from bootstrap.errors import BootstrapError
 from bootstrap.plan import Capability, Plan, write_plan
@@ -51,6 +52,13 @@ def worker_environ(settings: Settings, plan_path: Path) -> dict[str, str]:
     return env
 
 
+def with_capability_closure(settings: Settings) -> Settings:
+    """Settings whose extras include every capability the selected ones need (exit 2 for an
+    unknown name, before anything is built)."""
+    sel = select(settings.extras, settings.optional, capability_table(settings.project_dir))
+    return dataclasses.replace(settings, extras=sel.extras, optional=sel.optional)
+
+
 def make_timeline(settings: Settings, stream: IO[str] | None = None) -> Timeline:
     return Timeline.for_settings(settings, stream)
 
@@ -70,7 +78,6 @@ def run(
         app_dir=str(settings.app_dir),
         boot_started=timeline.started,
     )
-    plan.capabilities = {c: Capability(required=not settings.is_optional(c)) for c in settings.extras}
     volume: Volume | None = None
     phase = "preflight"
     try:
@@ -78,6 +85,8 @@ def run(
             budget(timeline, "preflight", settings.budget("preflight")),
             timeline.phase("preflight") as detail,
         ):
+            settings = with_capability_closure(settings)
+            plan.capabilities = {c: Capability(required=not settings.is_optional(c)) for c in settings.extras}
             volume = resolve_volume(settings, allow_local=serve)
             if _can_log(volume, settings):
                 timeline.attach(volume.log_dir(settings.worker_id))
