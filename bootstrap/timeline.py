@@ -19,7 +19,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
@@ -30,10 +30,23 @@ from bootstrap.settings import Settings, is_secret_name
 PHASES = ("preflight", "env", "weights", "import", "warm", "ready", "job")
 EVENTS = ("start", "end", "skip", "fail", "wait", "progress")
 
-URL_PASSWORD = re.compile(r"(\b[a-z][a-z0-9+.-]*://[^/\s:@]+:)[^@\s/]+@", re.IGNORECASE)
+#: ``scheme://user:password@`` in a URL (a mirror, a source): the password is never shown. The
+#: password runs to the last ``@`` before the host (a password may itself hold ``@``).
+URL_PASSWORD = re.compile(r"""(\b[a-z][a-z0-9+.-]*://[^/\s:@]*:)[^\s/"'<>]*@""", re.IGNORECASE)
 
 JSONL = "boot.jsonl"
 TEXT = "boot.log"
+
+
+def scrub(text: str, secrets: Sequence[str]) -> str:
+    """``text`` with every value of ``secrets`` and every password inside a URL replaced by ``***``.
+
+    The one scrubber of everything bootstrap writes: the timeline, stderr, state files, reports.
+    """
+    for value in secrets:
+        if value in text:
+            text = text.replace(value, "***")
+    return URL_PASSWORD.sub(r"\1***@", text)
 
 
 def secret_values(environ: Mapping[str, str]) -> tuple[str, ...]:
@@ -105,11 +118,7 @@ class Timeline:
         self._jsonl = self._text = None
 
     def _scrub(self, text: str) -> str:
-        for value in self.secrets:
-            if value in text:
-                text = text.replace(value, "***")
-        # A password inside a URL (a mirror given as https://user:pass@host/...).
-        return URL_PASSWORD.sub(r"\1***@", text)
+        return scrub(text, self.secrets)
 
     def _write_file(self, kind: str, line: str) -> None:
         target = self._jsonl if kind == "json" else self._text

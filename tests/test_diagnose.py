@@ -87,6 +87,10 @@ def lay_out(volume: Path, tmp_path: Path, **env: str) -> None:
     """Let the product lay the volume out: a real boot that passes preflight, then fails fast in env."""
     no_lock = tmp_path / "no-lock-project"
     no_lock.mkdir(exist_ok=True)
+    # A project with one empty capability and no uv.lock: preflight reads its pyproject.toml, env fails.
+    (no_lock / "pyproject.toml").write_text(
+        '[project]\nname = "no-lock"\nversion = "0"\n[project.optional-dependencies]\nfaceswap = []\n'
+    )
     proc = run_bootstrap(
         ["run", "--until", "env"],
         base_environ(

@@ -76,6 +76,21 @@ def requested_providers(available: Sequence[str]) -> list[str]:
     return [CUDA, CPU] if CUDA in available else [CPU]
 
 
+def load_onnxruntime() -> Any:
+    """onnxruntime as every session of the worker sees it: the CUDA and cuDNN libraries of the
+    env's ``nvidia-*`` wheels preloaded first, as insightface's model zoo does before each
+    session it creates. Without this the CUDA provider cannot find ``libcublasLt.so.12``."""
+    import onnxruntime
+
+    onnxruntime.preload_dlls()
+    return onnxruntime
+
+
+def new_session(model: bytes | str, providers: Sequence[str]) -> Any:
+    """An onnxruntime session made the worker's way (`load_onnxruntime`): diagnose probes with it."""
+    return load_onnxruntime().InferenceSession(model, providers=list(providers))
+
+
 def gpu_name() -> str:
     """The first GPU's name from ``nvidia-smi``, or ``cuda`` when it cannot be asked."""
     smi = shutil.which("nvidia-smi")
