@@ -8,14 +8,19 @@ returned as its exit code. Anything else is a bug (exit 1); its traceback is sho
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from bootstrap import errors
-from bootstrap.errors import BootstrapError
+from bootstrap.errors import BootstrapError, ConfigError
 from bootstrap.settings import Settings
+
+if TYPE_CHECKING:
+    from bootstrap.timing import Options
 
 
 def _cmd_run(args: argparse.Namespace, settings: Settings) -> int:
@@ -45,9 +50,48 @@ def _cmd_render(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _cmd_timing(args: argparse.Namespace, settings: Settings) -> int:
-    from bootstrap.timing import options_from_args, run_timing
+    from bootstrap.timing import run_timing
 
-    return run_timing(settings, options_from_args(args))
+    return run_timing(settings, timing_options(args))
+
+
+def timing_options(args: argparse.Namespace) -> Options:
+    """The command line (`bootstrap.cli`) → `Options`."""
+    from bootstrap.timing import HEALTH_JOB, Options, parse_scenarios
+
+    job = dict(HEALTH_JOB)
+    if args.job:
+        raw = args.job
+        if raw.startswith("@"):  # a file: a real job's base64 images outgrow one argument (128 KiB)
+            try:
+                raw = Path(raw[1:]).read_text(encoding="utf-8")
+            except OSError as err:
+                raise ConfigError(f"--job {args.job}: {err}", hint="give --job JSON or --job @FILE") from None
+        try:
+            job = json.loads(raw)
+        except ValueError as err:
+            raise ConfigError(
+                f"--job is not JSON: {err}", hint='e.g. --job \'{"input": {"task": "health"}}\''
+            ) from None
+        if not isinstance(job, dict) or not isinstance(job.get("input"), dict):
+            raise ConfigError(
+                "--job must be a RunPod job object with an 'input' object", hint='e.g. {"input": {...}}'
+            )
+    return Options(
+        scenarios=parse_scenarios(args.scenario),
+        repeat=args.repeat,
+        out=Path(args.out),
+        scratch=Path(args.scratch) if args.scratch else None,
+        job=job,
+        extras=args.extras,
+        manifest=args.manifest,
+        mirror=args.mirror,
+        seed_cache=Path(args.seed_cache).resolve() if args.seed_cache else None,
+        corrupt=args.corrupt,
+        timeout_s=args.timeout,
+        keep=args.keep,
+        chart=not args.no_chart,
+    )
 
 
 def _cmd_gc(args: argparse.Namespace, settings: Settings) -> int:

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bootstrap.atomic import write_temp
 from bootstrap.errors import EnvBuildError
 from bootstrap.settings import Settings
 from bootstrap.volume import LAYOUT_DIR, POD_VOLUME, RUNPOD_VOLUME, Volume
@@ -142,8 +143,7 @@ def volume_id(volume_root: Path) -> str:
     except FileNotFoundError:
         pass
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{VOLUME_ID_FILE}.{uuid.uuid4().hex}.tmp")
-    tmp.write_text(uuid.uuid4().hex[:16], encoding="utf-8")
+    tmp = write_temp(path.parent, uuid.uuid4().hex[:16], stem=VOLUME_ID_FILE)
     try:
         os.link(tmp, path)  # fails if another worker created it first: theirs counts
     except FileExistsError:

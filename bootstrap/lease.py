@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from bootstrap.atomic import write_temp
 from bootstrap.errors import LockTimeoutError
 
 WAIT_LOG_EVERY_S = 5.0
@@ -104,14 +105,7 @@ def holder_dead_here(record: dict[str, Any] | None) -> bool:
 
 
 def _write_temp(directory: Path, record: dict[str, Any]) -> Path:
-    tmp = directory / f".{record['token']}.{uuid.uuid4().hex[:8]}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    try:
-        os.write(fd, json.dumps(record).encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    return tmp
+    return write_temp(directory, json.dumps(record), stem=str(record["token"]))
 
 
 @dataclass

@@ -7,11 +7,11 @@ read once by the worker. It is the one place model paths reach the worker (FAILU
 from __future__ import annotations
 
 import json
-import os
-import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from bootstrap.atomic import write_json_atomic
 
 PLAN_VERSION = 1
 
@@ -59,13 +59,7 @@ class Plan:
 
 
 def write_plan(path: Path, plan: Plan) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(plan.to_json(), f, indent=2, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_json_atomic(path, plan.to_json(), indent=2, sort_keys=True)
 
 
 def read_plan(path: Path) -> Plan:

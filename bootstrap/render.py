@@ -7,7 +7,6 @@ renders is a template that says exactly what it meant. The result is checked wit
 
 from __future__ import annotations
 
-import os
 import re
 import shlex
 import shutil
@@ -16,6 +15,7 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
+from bootstrap.atomic import write_atomic
 from bootstrap.errors import ConfigError
 from bootstrap.settings import Settings
 
@@ -103,13 +103,5 @@ def render(settings: Settings, template: Path | None, output: Path | None, sets:
     given = parse_sets(sets)
     values = {**default_values(settings), **given}
     rendered = render_text(text, values, origin=str(template), extra=frozenset(given))
-    tmp = output.with_name(f".{output.name}.tmp")
-    tmp.write_text(rendered, encoding="utf-8")
-    os.chmod(tmp, 0o755)  # noqa: S103 - start.sh must be executable by the container
-    try:
-        check_bash(tmp)
-    except ConfigError:
-        tmp.unlink()
-        raise
-    os.replace(tmp, output)
-    return output
+    # start.sh must be executable by the container; it is published only once bash parses it.
+    return write_atomic(output, rendered, mode=0o755, check=check_bash)

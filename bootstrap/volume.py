@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from bootstrap.atomic import fsync_dir as fsync_dir  # re-exported: the weights import it from here
 from bootstrap.errors import InsufficientDiskError, VolumeError, format_bytes
 from bootstrap.settings import (
     CONTAINER_DISK_MIN_FREE,
@@ -196,16 +197,6 @@ def require_free(
             ),
         )
     return du
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a rename inside ``path`` durable (best effort: some filesystems refuse a directory fsync)."""
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def write_probe(base: Path) -> float:

@@ -14,7 +14,11 @@ from bootstrap.manifest import ModelFile
 from bootstrap.timing import (
     PHASES,
     SEGMENTS,
+    Repeat,
     Scenario,
+    ScenarioResult,
+    TimingConfig,
+    TimingReport,
     corrupt_one,
     parse_scenarios,
     phases_from,
@@ -23,6 +27,7 @@ from bootstrap.timing import (
     summarize,
     table,
 )
+from bootstrap.timing.report import machine_info
 from bootstrap.volume import Volume
 from tests.helpers import SHARED_UV_CACHE, base_environ, run_bootstrap, seed_uv_cache
 
@@ -80,19 +85,21 @@ def test_phases_come_from_the_timeline_and_add_up_to_the_total() -> None:
 
 
 def test_summary_is_median_and_spread_of_successful_repeats() -> None:
-    def rep(ok: bool, total: float) -> dict[str, object]:
-        return {"ok": ok, "phases": dict.fromkeys(EVERY_PHASE, total)}
+    def rep(ok: bool, total: float) -> Repeat:
+        return Repeat(ok, dict.fromkeys(EVERY_PHASE, total))
 
     s = summarize([rep(True, 3.0), rep(True, 1.0), rep(False, 100.0), rep(True, 2.0)])
-    assert s["median"]["total"] == 2.0
-    assert s["min"]["env"] == 1.0 and s["max"]["env"] == 3.0
-    report = {
-        "config": {"repeat": 4},
-        "scenarios": [
-            {"name": "warm", "label": "warm", "ok": True, **s},
-            {"name": "baseline", "label": "baseline", "ok": True, **summarize([rep(True, 8000.0)])},
+    assert s.median["total"] == 2.0
+    assert s.min["env"] == 1.0 and s.max["env"] == 3.0
+    report = TimingReport(
+        date="",
+        machine=machine_info(),
+        config=TimingConfig(repeat=4),
+        scenarios=[
+            ScenarioResult("warm", "warm", True, s),
+            ScenarioResult("baseline", "baseline", True, summarize([rep(True, 8000.0)])),
         ],
-    }
+    )
     text = table(report)
     assert "0.00 [0.00–0.00]" in text  # 2 ms median, 1–3 ms spread, in seconds
     assert "0.00×" in text.splitlines()[2]  # warm vs baseline: 2 ms / 8 s

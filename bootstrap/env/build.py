@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from bootstrap import interpreter as interp
+from bootstrap.atomic import write_json_atomic
 from bootstrap.env.clone import clone, closest_ready, new_distributions, site_packages
 from bootstrap.env.estimate import estimate_install_bytes
 from bootstrap.env.key import (
@@ -27,7 +28,6 @@ from bootstrap.env.key import (
     is_ready,
     key_inputs,
     pyvenv_home,
-    write_json,
 )
 from bootstrap.env.leftovers import BROKEN_PREFIX, BUILDER_FILE, builder_heartbeat, discard, tmp_name
 from bootstrap.errors import EnvBuildError, InsufficientDiskError, format_bytes
@@ -239,17 +239,13 @@ def build(
             # Every file of the env reaches the disk before READY does: a crash can then never
             # leave a READY env with missing bytes. One sync() is far cheaper than an fsync per file.
             os.sync()
-            with open(tmp / READY, "w", encoding="utf-8") as f:
-                json.dump(record, f, indent=2, sort_keys=True)
-                f.flush()
-                os.fsync(f.fileno())
-            fsync_dir(tmp)
+            write_json_atomic(tmp / READY, record, indent=2, sort_keys=True)
         published = publish(tmp, final, timeline)
     except BaseException:
         discard(tmp)
         raise
     if dropped:
-        write_json(
+        write_json_atomic(
             failure_path(volume, key),
             {
                 "at": time.time(),

@@ -10,7 +10,6 @@ import platform
 import shutil
 import sys
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -166,12 +165,3 @@ def recent_failure(volume: Volume, full_key: str) -> dict[str, Any] | None:
     if record is None or time.time() - float(record.get("at", 0)) > RETRY_FULL_AFTER_S:
         return None
     return record
-
-
-def write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
 import time
 import uuid
 from pathlib import Path
 from typing import Any
 
+from bootstrap.atomic import write_json_atomic
 from bootstrap.manifest import ModelFile
-from bootstrap.volume import Volume, fsync_dir
+from bootstrap.volume import Volume
 from bootstrap.weights.verify import format_for, sniff
 
 
@@ -87,17 +87,8 @@ def _check_one(path: Path, size: object, fmt: str) -> str | None:
 def write_record(volume: Volume, dest: str, record: dict[str, Any]) -> Path:
     """Write the record of ``dest`` (temp name, fsync, rename) — after the file it describes."""
     path = verified_record_path(volume, dest)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    with open(tmp, "w", encoding="utf-8") as out:
-        json.dump(
-            {**record, "verified_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}, out, indent=2
-        )
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-    return path
+    stamped = {**record, "verified_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    return write_json_atomic(path, stamped, indent=2)
 
 
 def quarantine(volume: Volume, path: Path, dest: str, reason: str, **facts: Any) -> Path:
