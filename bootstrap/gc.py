@@ -7,9 +7,9 @@ What goes:
   `KEEP_S` names it, while it was built within `KEEP_S`, while it is the env this image would
   use, or while a live ``env-<key>`` lease exists;
 - temp directories of dead builders (no live lease for their key, and the builder's pid dead on
-  this host or its heartbeat older than `DEAD_BUILDER_S`), envs set aside as broken, expired
+  this host or its heartbeat older than `Settings.stale_after_s`), envs set aside as broken, expired
   degradation records;
-- quarantined files older than `QUARANTINE_KEEP_S`; lease files nobody renewed for `DEAD_BUILDER_S`;
+- quarantined files older than `QUARANTINE_KEEP_S`; lease files whose writer is dead (`bootstrap.lease.writer_is_dead`);
 - with ``--models``: verified model files (and their records) the given manifest does not list.
   A volume may serve several endpoints, so this is opt-in.
 
@@ -31,14 +31,13 @@ from typing import IO
 
 from bootstrap import env as envmod
 from bootstrap.errors import BootstrapError
-from bootstrap.lease import holder_dead_here, list_leases
+from bootstrap.lease import holder_dead_here, list_leases, writer_is_dead
 from bootstrap.settings import Settings
 from bootstrap.volume import Volume, remove_tree, resolve_volume, tree_size
 
 #: an env named by a plan or log touched within this long is in use
 KEEP_S = 7 * 24 * 3600.0
 #: a builder whose heartbeat is older than this is dead (it touches its marker every TTL/3)
-DEAD_BUILDER_S = 600.0
 QUARANTINE_KEEP_S = 24 * 3600.0
 
 
@@ -108,7 +107,7 @@ def collect(
             if name.startswith(envmod.TMP_PREFIX):
                 named = envmod.parse_tmp_name(name)
                 holders = {n for n in live if n.startswith(f"env-{named.get('key', '-')}")}
-                if not holders and envmod.leftover_is_dead(p, DEAD_BUILDER_S, now):
+                if not holders and envmod.leftover_is_dead(p, settings.stale_after_s, now):
                     items.append(Item("leftover", p, tree_size(p), "temp dir of a dead builder"))
             elif name.startswith(envmod.BROKEN_PREFIX):
                 items.append(Item("broken", p, tree_size(p), "env set aside as broken"))
@@ -130,11 +129,11 @@ def collect(
     if volume.leases.is_dir():
         for path, record, age in list_leases(volume.leases):
             # A holder rewrites its lease every TTL/3: one unchanged this long is abandoned.
-            if age > max(DEAD_BUILDER_S, 10 * settings.lease_ttl_s):
+            if writer_is_dead(record, now - age, settings.stale_after_s, now):
                 owner = (record or {}).get("owner", "unknown")
                 items.append(Item("lease", path, _size(path), f"abandoned lease of {owner}"))
         for p in volume.leases.glob(".*.tmp"):
-            if now - _mtime(p) > DEAD_BUILDER_S:
+            if writer_is_dead(None, _mtime(p), settings.stale_after_s, now):
                 items.append(Item("leftover", p, _size(p), "lease temp file of a dead writer"))
     if models:
         items += _unlisted_models(settings, volume)

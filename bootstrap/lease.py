@@ -35,7 +35,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -89,6 +89,41 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def owner_record(**extra: Any) -> dict[str, Any]:
+    """Who is writing: host, pid and pid namespace (plus ``extra``), the one owner record every
+    lease, builder heartbeat, download journal and unpack directory carries."""
+    return {"host": socket.gethostname(), "pid": os.getpid(), "pidns": _pid_namespace(), **extra}
+
+
+def stale_after_s(lease_ttl_s: float) -> float:
+    """How long an unchanged leftover's writer is presumed alive: 4 heartbeat periods of a lease
+    (a writer touches its record every TTL/3), at least a minute. The one staleness threshold."""
+    return max(60.0, 4 * lease_ttl_s)
+
+
+def writer_is_dead(
+    record: Mapping[str, Any] | None, last_change: float, stale_s: float, now: float | None = None
+) -> bool:
+    """Is the writer of a leftover gone? The one judgement (leases, env temp dirs, download parts,
+    unpack directories, gc and diagnose all ask it):
+
+    - this very process is never dead;
+    - a writer on this host (same pid namespace) is dead exactly when its pid is not running;
+    - any other writer is dead once its record (or the leftover) went unchanged for ``stale_s``.
+    """
+    here = _pid_namespace()
+    if (
+        record
+        and record.get("host") == socket.gethostname()
+        and record.get("pid") == os.getpid()
+        and record.get("pidns", here) == here
+    ):
+        return False
+    if holder_dead_here(dict(record) if record else None):
+        return True
+    return (time.time() if now is None else now) - last_change > stale_s
 
 
 def holder_dead_here(record: dict[str, Any] | None) -> bool:
@@ -171,16 +206,7 @@ class Lease:
 
 def _new_record(name: str, owner: str) -> dict[str, Any]:
     now = time.time()
-    return {
-        "name": name,
-        "owner": owner,
-        "host": socket.gethostname(),
-        "pid": os.getpid(),
-        "pidns": _pid_namespace(),
-        "started": now,
-        "renewed": now,
-        "token": uuid.uuid4().hex,
-    }
+    return owner_record(name=name, owner=owner, started=now, renewed=now, token=uuid.uuid4().hex)
 
 
 def _try_create(path: Path, record: dict[str, Any]) -> bool:

@@ -264,6 +264,13 @@ class Settings:
         sources = {name: ("env" if env.get(name, "").strip() else "default") for name in KNOWN}
         return cls(sources=sources, environ=env, **values)  # type: ignore[arg-type]
 
+    @property
+    def stale_after_s(self) -> float:
+        """How long an unchanged leftover's writer is presumed alive (`bootstrap.lease.stale_after_s`)."""
+        from bootstrap.lease import stale_after_s
+
+        return stale_after_s(self.lease_ttl_s)
+
     def budget(self, phase: str) -> float | None:
         return self.phase_budget_s.get(phase)
 

@@ -11,7 +11,6 @@ import json
 import os
 import socket
 import threading
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,7 +32,7 @@ def builder_heartbeat(tmp: Path, settings: Settings) -> Iterator[None]:
     """Write ``.builder`` (host, pid, worker) and touch it every TTL/3 while we build."""
     marker = tmp / BUILDER_FILE
     marker.write_text(
-        json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "worker": settings.worker_id}),
+        json.dumps(leases.owner_record(worker=settings.worker_id)),
         encoding="utf-8",
     )
     stop = threading.Event()
@@ -91,12 +90,7 @@ def leftover_is_dead(tmp: Path, stale_after_s: float, now: float | None = None) 
         named = parse_tmp_name(tmp.name)
         same_host = named.get("host") == _host()
         info = {"host": socket.gethostname(), "pid": named["pid"]} if same_host else {}
-    if info.get("host") == socket.gethostname() and isinstance(info.get("pid"), int):
-        if info["pid"] == os.getpid():
-            return False
-        if not leases._pid_alive(info["pid"]):
-            return True
-    return (now if now is not None else time.time()) - mtime > stale_after_s
+    return leases.writer_is_dead(info if isinstance(info, dict) else {}, mtime, stale_after_s, now)
 
 
 def clean_leftovers(volume: Volume, timeline: Timeline | None, stale_after_s: float) -> list[Path]:

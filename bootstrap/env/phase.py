@@ -86,7 +86,7 @@ def ensure_env(settings: Settings, volume: Volume, timeline: Timeline, detail: d
         try:
             found = reusable()
             if found is None:
-                clean_leftovers(volume, timeline, stale_after_s=max(60.0, 4 * settings.lease_ttl_s))
+                clean_leftovers(volume, timeline, stale_after_s=settings.stale_after_s)
                 found = build(settings, volume, timeline, uv, python, inputs, key)
         finally:
             if lease is not None:

@@ -113,7 +113,5 @@ def quarantine(volume: Volume, path: Path, dest: str, reason: str, **facts: Any)
         target = volume.quarantine / f"{name}.discarded"
     reason_path = volume.quarantine / f"{name}.json"
     with contextlib.suppress(OSError):
-        reason_path.write_text(
-            json.dumps({"dest": dest, "reason": reason, "at": stamp, **facts}, indent=2), encoding="utf-8"
-        )
+        write_json_atomic(reason_path, {"dest": dest, "reason": reason, "at": stamp, **facts}, indent=2)
     return target

@@ -28,7 +28,6 @@ import hashlib
 import json
 import os
 import queue
-import socket
 import threading
 import time
 from collections.abc import Callable
@@ -36,6 +35,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bootstrap.atomic import write_atomic
+from bootstrap.lease import stale_after_s, writer_is_dead
 from bootstrap.weights.sources import Connection, Probe, Source, SourceFailed, Transient
 
 CHUNK = 1024 * 1024
@@ -129,14 +130,7 @@ def covered_bytes(ranges: list[tuple[int, int]], size: int) -> int:
 
 def write_journal(path: Path, header: dict[str, Any], ranges: list[tuple[int, int]]) -> None:
     """Rewrite a journal whole (temp + fsync + rename): used when a download is adopted."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(json.dumps(header) + "\n")
-        for a, b in ranges:
-            f.write(f"{a} {b}\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(header) + "\n" + "".join(f"{a} {b}\n" for a, b in ranges))
 
 
 # -- the transfer ------------------------------------------------------------------------------
@@ -503,15 +497,5 @@ class _Hasher:
 
 
 def owner_alive(header: dict[str, Any], ttl_s: float, mtime: float) -> bool:
-    """Is the journal's writer perhaps still at it? Same host: its pid; else: recent change."""
-    if header.get("host") == socket.gethostname() and isinstance(header.get("pid"), int):
-        if header["pid"] == os.getpid():
-            return False
-        try:
-            os.kill(header["pid"], 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
-    return time.time() - mtime < ttl_s
+    """Is the journal's writer perhaps still at it? `bootstrap.lease.writer_is_dead` judges."""
+    return not writer_is_dead(header, mtime, stale_after_s(ttl_s))
