@@ -63,7 +63,7 @@ def used_env_keys(volume: Volume, now: float, keep_s: float = KEEP_S) -> dict[st
         return used
     for plan in volume.state.glob("*.json"):
         worker = plan.stem
-        last = max(_mtime(plan), _mtime(volume.log_dir(worker) / "boot.jsonl"))
+        last = max(_mtime(plan), _mtime(volume.events(worker)))
         if now - last > keep_s:
             continue
         try:

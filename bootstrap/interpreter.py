@@ -38,13 +38,13 @@ from pathlib import Path
 from typing import Any
 
 from bootstrap.atomic import write_temp
+from bootstrap.childenv import child_environ
 from bootstrap.errors import EnvBuildError
 from bootstrap.settings import Settings
-from bootstrap.volume import LAYOUT_DIR, POD_VOLUME, RUNPOD_VOLUME, Volume
+from bootstrap.volume import POD_VOLUME, RUNPOD_VOLUME, Volume
 
 #: Where the stable aliases of volume roots live (container disk, same path everywhere).
 ALIAS_ROOT = Path("/tmp/bootstrap-volume")  # noqa: S108 - a fixed path is the point: it must be the same in every container
-VOLUME_ID_FILE = "volume-id"
 
 _IDENTITY = (
     "import json, platform, sys, sysconfig;"
@@ -116,7 +116,7 @@ def find_managed(volume_root: Path, request: str) -> Path | None:
     uv lays installs out as ``cpython-3.11.7-linux-x86_64-gnu/bin/python3.11``; we read that
     layout directly (no uv call), so diagnose can use it without side effects.
     """
-    base = volume_root / LAYOUT_DIR / "python"
+    base = Volume(volume_root, "").python
     if not base.is_dir():
         return None
     want = tuple(int(x) for x in re.findall(r"\d+", request)[:3])
@@ -137,13 +137,13 @@ def find_managed(volume_root: Path, request: str) -> Path | None:
 
 def volume_id(volume_root: Path) -> str:
     """The volume's random id, created once (unique temp name, then link: first writer wins)."""
-    path = volume_root / LAYOUT_DIR / VOLUME_ID_FILE
+    path = Volume(volume_root, "").id_file
     try:
         return path.read_text(encoding="utf-8").strip()
     except FileNotFoundError:
         pass
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = write_temp(path.parent, uuid.uuid4().hex[:16], stem=VOLUME_ID_FILE)
+    tmp = write_temp(path.parent, uuid.uuid4().hex[:16], stem=path.name)
     try:
         os.link(tmp, path)  # fails if another worker created it first: theirs counts
     except FileExistsError:
@@ -169,7 +169,7 @@ def ensure_alias(volume_root: Path, alias_root: Path = ALIAS_ROOT) -> Path:
 
 def probe(executable: Path, environ: Mapping[str, str] | None = None) -> dict[str, Any]:
     """Implementation, full version and ABI, asked of the interpreter itself."""
-    env = {k: v for k, v in (environ or {}).items() if k not in {"PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV"}}
+    env = child_environ(environ or {})
     proc = subprocess.run(
         [str(executable), "-I", "-c", _IDENTITY],
         env=env or None,

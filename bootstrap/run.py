@@ -14,6 +14,7 @@ from typing import IO
 
 from bootstrap.budget import budget
 from bootstrap.capabilities import capability_table, select
+from bootstrap.childenv import child_environ
 from bootstrap.env import ensure_env
 from bootstrap.errors import BootstrapError
 from bootstrap.plan import Capability, Plan, write_plan
@@ -35,8 +36,7 @@ OFFLINE_FLAGS = {
 
 def worker_environ(settings: Settings, plan_path: Path) -> dict[str, str]:
     """The worker's environment: ours, plus the plan, the app on PYTHONPATH and offline flags."""
-    env = dict(settings.environ)
-    env.pop("VIRTUAL_ENV", None)
+    env = child_environ(settings.environ, pythonpath=[settings.app_dir], inherit_pythonpath=True)
     env["BOOTSTRAP_PLAN"] = str(plan_path)
     env["BOOTSTRAP_WORKER_ID"] = settings.worker_id
     env["BOOTSTRAP_LOG_FORMAT"] = settings.log_format
@@ -45,8 +45,6 @@ def worker_environ(settings: Settings, plan_path: Path) -> dict[str, str]:
         env["BOOTSTRAP_SERVE_API"] = f"{host}:{port}"
     if settings.optional:
         env["BOOTSTRAP_OPTIONAL"] = ",".join(sorted(settings.optional))
-    path = env.get("PYTHONPATH")
-    env["PYTHONPATH"] = str(settings.app_dir) + (os.pathsep + path if path else "")
     env.update(OFFLINE_FLAGS)
     env["PYTHONUNBUFFERED"] = "1"
     return env

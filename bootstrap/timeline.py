@@ -26,6 +26,8 @@ from typing import IO, Any
 
 from bootstrap.errors import INTERNAL, BootstrapError
 from bootstrap.settings import Settings, is_secret_name
+from bootstrap.volume import JSONL as JSONL  # re-exported: the file names of the layout
+from bootstrap.volume import TEXT as TEXT
 
 PHASES = ("preflight", "env", "weights", "import", "warm", "ready", "job")
 EVENTS = ("start", "end", "skip", "fail", "wait", "progress")
@@ -33,9 +35,6 @@ EVENTS = ("start", "end", "skip", "fail", "wait", "progress")
 #: ``scheme://user:password@`` in a URL (a mirror, a source): the password is never shown. The
 #: password runs to the last ``@`` before the host (a password may itself hold ``@``).
 URL_PASSWORD = re.compile(r"""(\b[a-z][a-z0-9+.-]*://[^/\s:@]*:)[^\s/"'<>]*@""", re.IGNORECASE)
-
-JSONL = "boot.jsonl"
-TEXT = "boot.log"
 
 
 def scrub(text: str, secrets: Sequence[str]) -> str:

@@ -30,6 +30,9 @@ from bootstrap.settings import (
 RUNPOD_VOLUME = Path("/runpod-volume")
 POD_VOLUME = Path("/workspace")
 LAYOUT_DIR = ".bootstrap"
+#: a worker's timeline events and its boot log for people, in ``logs/<worker-id>/``
+JSONL = "boot.jsonl"
+TEXT = "boot.log"
 
 
 class DiskUsage(NamedTuple):
@@ -111,8 +114,25 @@ class Volume:
     def state(self) -> Path:
         return self.base / "state"
 
+    @property
+    def id_file(self) -> Path:
+        """The volume's random id (the path-independent name its managed interpreters are reached by)."""
+        return self.base / "volume-id"
+
     def log_dir(self, worker_id: str) -> Path:
         return self.logs / worker_id
+
+    def events(self, worker_id: str) -> Path:
+        """A worker's timeline events (``logs/<worker-id>/boot.jsonl``)."""
+        return self.log_dir(worker_id) / JSONL
+
+    def boot_log(self, worker_id: str) -> Path:
+        """A worker's boot log for people (``logs/<worker-id>/boot.log``)."""
+        return self.log_dir(worker_id) / TEXT
+
+    def env(self, key: str) -> Path:
+        """The environment published under ``key`` (usable only while it holds ``READY``)."""
+        return self.envs / key
 
     def plan_path(self, worker_id: str) -> Path:
         return self.state / f"{worker_id}.json"

@@ -11,10 +11,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bootstrap.childenv import child_environ
 from bootstrap.diagnose.model import Check, Status
-from bootstrap.env import read_failure
+from bootstrap.env import is_ready, read_failure
 from bootstrap.errors import BootstrapError, VolumeError
-from bootstrap.settings import Settings, is_secret_name
+from bootstrap.settings import Settings
 from bootstrap.volume import DiskUsageFn, Volume, disk_usage, resolve_volume
 
 
@@ -69,13 +70,9 @@ def with_timeout(fn: Callable[[], Any], seconds: float, what: str) -> Any:
     return box.get("value")
 
 
-def child_environ(settings: Settings) -> dict[str, str]:
-    """The environment for probes run with the env's Python: no secrets, no virtualenv."""
-    env = {k: v for k, v in settings.environ.items() if not is_secret_name(k)}
-    env.pop("VIRTUAL_ENV", None)
-    env.pop("PYTHONPATH", None)
-    env.pop("PYTHONHOME", None)
-    return env
+def probe_environ(settings: Settings) -> dict[str, str]:
+    """The environment of diagnose's probes: a child's, without any secret."""
+    return child_environ(settings.environ, secrets=False)
 
 
 @dataclass
@@ -96,13 +93,13 @@ class Context:
         """The READY env a boot would use: this key's, or the degraded one a failure record names."""
         if self.volume is None or self.key is None:
             return None
-        final = self.volume.envs / self.key
-        if (final / "READY").is_file():
+        final = self.volume.env(self.key)
+        if is_ready(final):
             return final
         failure = read_failure(self.volume, self.key)
         if failure is not None and failure.get("published_key"):
             held = self.volume.envs / str(failure["published_key"])
-            if (held / "READY").is_file():
+            if is_ready(held):
                 return held
         return None
 

@@ -12,10 +12,19 @@ from pathlib import Path
 from typing import Any
 
 from bootstrap import errors
-from bootstrap.diagnose.context import Context, child_environ
+from bootstrap.diagnose.context import Context, probe_environ
 from bootstrap.diagnose.fmt import at_utc, dir_size, human_age, jsonl_mtime, size_text
 from bootstrap.diagnose.model import Check, Status
-from bootstrap.env import BROKEN_PREFIX, TMP_PREFIX, leftover_is_dead, pyvenv_home, read_failure, read_ready
+from bootstrap.env import (
+    BROKEN_PREFIX,
+    TMP_PREFIX,
+    env_python,
+    is_ready,
+    leftover_is_dead,
+    pyvenv_home,
+    read_failure,
+    read_ready,
+)
 from bootstrap.errors import BootstrapError
 from bootstrap.lease import holder_dead_here, list_leases
 from bootstrap.timeline import JSONL, read_events
@@ -167,7 +176,7 @@ def _not_ready_check(
         )
         at = failure.get("at")
         when = f" {human_age(ctx.options.clock() - at)} ago" if isinstance(at, (int, float)) else ""
-        usable = (ctx.volume.envs / published / "READY").is_file() if ctx.volume else False
+        usable = is_ready(ctx.volume.env(published)) if ctx.volume else False
         return Check(
             "ready",
             Status.DEGRADED if usable else Status.BROKEN,
@@ -263,11 +272,11 @@ def _interpreter_check(ctx: Context, final: Path, expected: Mapping[str, Any]) -
             f"(this image's interpreter: {describe_python(expected)})",
             hint=fix,
         )
-    python = final / "bin" / "python"
+    python = env_python(final)
     try:
         proc = subprocess.run(
             [str(python), "-I", "-c", _IDENTITY],
-            env=child_environ(ctx.settings),
+            env=probe_environ(ctx.settings),
             capture_output=True,
             text=True,
             timeout=o.probe_timeout_s,

@@ -9,8 +9,10 @@ import shutil
 import subprocess
 
 from bootstrap import errors
-from bootstrap.diagnose.context import Context, child_environ
+from bootstrap.childenv import child_environ
+from bootstrap.diagnose.context import Context, probe_environ
 from bootstrap.diagnose.model import Check, Status
+from bootstrap.env import env_python
 from bootstrap.settings import REQUIRE_GPU, Settings
 from worker import gpu_probe
 
@@ -24,12 +26,12 @@ def version_tuple(text: str | None) -> tuple[int, ...] | None:
     return (int(m.group(1)), int(m.group(2))) if m else None
 
 
-def probe_environ(settings: Settings) -> dict[str, str]:
-    """The probe's environment: a child's, with the app (``worker``) importable and no bytecode written."""
-    env = child_environ(settings)
-    env["PYTHONPATH"] = str(settings.app_dir)
-    env["PYTHONDONTWRITEBYTECODE"] = "1"  # diagnose never writes into the app or the env
-    return env
+def gpu_probe_environ(settings: Settings) -> dict[str, str]:
+    """The GPU probe's: no secrets, the app (``worker``) importable, no bytecode written (diagnose
+    never writes into the app or the env)."""
+    return child_environ(
+        settings.environ, secrets=False, pythonpath=[settings.app_dir], extra={"PYTHONDONTWRITEBYTECODE": "1"}
+    )
 
 
 def _run_smi(ctx: Context, args: list[str]) -> subprocess.CompletedProcess[str]:
@@ -37,7 +39,7 @@ def _run_smi(ctx: Context, args: list[str]) -> subprocess.CompletedProcess[str]:
     assert smi is not None
     return subprocess.run(
         [smi, *args],
-        env=child_environ(ctx.settings),
+        env=probe_environ(ctx.settings),
         capture_output=True,
         text=True,
         timeout=ctx.options.gpu_timeout_s,
@@ -125,11 +127,11 @@ def _gpu_env_checks(
                 hint="run `bootstrap prepare`, then `bootstrap diagnose` again",
             )
         ]
-    python = final / "bin" / "python"
+    python = env_python(final)
     try:
         proc = subprocess.run(
             [str(python), "-s", "-m", gpu_probe.__name__],
-            env=probe_environ(s),
+            env=gpu_probe_environ(s),
             cwd=s.app_dir,
             capture_output=True,
             text=True,

@@ -59,7 +59,7 @@ def check_platform(ctx: Context) -> list[Check]:
 def _volume_identity(vol: Volume) -> str:
     """The volume's id and the path-independent alias managed interpreters are reached by."""
     try:
-        vid = (vol.base / interp.VOLUME_ID_FILE).read_text(encoding="utf-8").strip()
+        vid = vol.id_file.read_text(encoding="utf-8").strip()
     except OSError:
         return ""
     alias = interp.ALIAS_ROOT / vid

@@ -18,12 +18,14 @@ from typing import Any
 
 from bootstrap import interpreter as interp
 from bootstrap.atomic import write_json_atomic
+from bootstrap.childenv import child_environ
 from bootstrap.env.clone import clone, closest_ready, new_distributions, site_packages
 from bootstrap.env.estimate import estimate_install_bytes
 from bootstrap.env.key import (
     READY,
     check_home,
     env_key,
+    env_python,
     failure_path,
     is_ready,
     key_inputs,
@@ -51,9 +53,7 @@ class EnvResult:
 
 
 def uv_env(settings: Settings, volume: Volume, target: Path) -> dict[str, str]:
-    env = dict(settings.environ)
-    for name in ("VIRTUAL_ENV", "PYTHONHOME", "PYTHONPATH", "UV_LINK_MODE", "UV_COMPILE_BYTECODE"):
-        env.pop(name, None)
+    env = child_environ(settings.environ, drop=("UV_LINK_MODE", "UV_COMPILE_BYTECODE"))
     env["UV_PROJECT_ENVIRONMENT"] = str(target)
     # The cache sits on the volume, beside envs/: same filesystem, so uv hard-links files from
     # it instead of copying (see `_sync` for why hardlink).
@@ -255,7 +255,7 @@ def build(
             },
         )
     kept_t = tuple(e for e in settings.extras if e in kept)
-    return EnvResult(published_key, final, final / "bin" / "python", not published, kept_t, dropped)
+    return EnvResult(published_key, final, env_python(final), not published, kept_t, dropped)
 
 
 def _write_marker_free(tmp: Path) -> None:
@@ -343,7 +343,7 @@ def _compile(b: _Build) -> None:
         return
     listing = b.tmp / ".compile-list"
     listing.write_text("\n".join(targets) + "\n", encoding="utf-8")
-    proc = b.run([str(b.tmp / "bin" / "python"), "-m", "compileall", "-q", "-j", "0", "-i", str(listing)])
+    proc = b.run([str(env_python(b.tmp)), "-m", "compileall", "-q", "-j", "0", "-i", str(listing)])
     listing.unlink()
     if proc.returncode != 0:
         b.timeline.log("compileall reported errors (files that do not compile are skipped)", level="warn")
@@ -351,13 +351,12 @@ def _compile(b: _Build) -> None:
 
 def _smoke(b: _Build, kept: list[str], dropped: dict[str, str]) -> tuple[list[str], dict[str, str]]:
     """Import every selected capability with the new env's Python; drop optional failures."""
-    env = dict(b.settings.environ)
-    for name in ("VIRTUAL_ENV", "PYTHONHOME"):
-        env.pop(name, None)
-    env["PYTHONPATH"] = str(b.settings.app_dir)
-    env["PYTHONDONTWRITEBYTECODE"] = "1"  # never write into the app dir or the env from here
+    # PYTHONDONTWRITEBYTECODE: never write into the app dir or the env from here
+    env = child_environ(
+        b.settings.environ, pythonpath=[b.settings.app_dir], extra={"PYTHONDONTWRITEBYTECODE": "1"}
+    )
     cmd = [
-        str(b.tmp / "bin" / "python"),
+        str(env_python(b.tmp)),
         "-m",
         "worker.smoke",
         "--project",

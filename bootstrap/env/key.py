@@ -101,6 +101,11 @@ def env_key(inputs: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:32]
 
 
+def env_python(env_dir: Path) -> Path:
+    """The interpreter of an environment (a relocatable venv: ``bin/python``)."""
+    return env_dir / "bin" / "python"
+
+
 def is_ready(path: Path) -> bool:
     """True when ``path`` is a published environment (READY is written last, before the rename)."""
     return (path / READY).is_file()

@@ -10,10 +10,12 @@ from typing import Any
 
 from bootstrap import interpreter as interp
 from bootstrap import lease as leases
+from bootstrap.childenv import child_environ
 from bootstrap.env.build import EnvResult, build, run_uv, uv_error
 from bootstrap.env.key import (
     check_home,
     env_key,
+    env_python,
     find_uv,
     is_ready,
     key_inputs,
@@ -53,7 +55,7 @@ def ensure_env(settings: Settings, volume: Volume, timeline: Timeline, detail: d
         if is_ready(final):
             problem = check_home(final, python)
             if problem is None:
-                return EnvResult(key, final, final / "bin" / "python", True, extras)
+                return EnvResult(key, final, env_python(final), True, extras)
             timeline.log(f"not reusing {final}: {problem}; moving it aside and rebuilding", level="warn")
             with contextlib.suppress(OSError):
                 os.rename(final, volume.envs / f"{BROKEN_PREFIX}{key}-{uuid.uuid4().hex[:8]}")
@@ -64,9 +66,7 @@ def ensure_env(settings: Settings, volume: Volume, timeline: Timeline, detail: d
             still_optional = all(settings.is_optional(c) for c in dropped)  # else: build, and fail
             if still_optional and is_ready(held) and check_home(held, python) is None:
                 kept = tuple(e for e in extras if e not in dropped)
-                return EnvResult(
-                    str(failure["published_key"]), held, held / "bin" / "python", True, kept, dropped
-                )
+                return EnvResult(str(failure["published_key"]), held, env_python(held), True, kept, dropped)
         return None
 
     found = reusable()
@@ -122,8 +122,7 @@ def _interpreter(settings: Settings, volume: Volume, timeline: Timeline, uv: str
     try:
         if interp.find_managed(volume.root, request) is None:
             argv, extra = interp.install_command(uv, volume, request)
-            env = dict(settings.environ)
-            env.update(extra)
+            env = child_environ(settings.environ, extra=extra)
             proc = run_uv(argv, env, settings.project_dir, timeline)
             if proc.returncode != 0:
                 raise EnvBuildError(
