@@ -1,19 +1,29 @@
 """The plan: what `bootstrap run` hands the worker in ``state/<worker-id>.json`` (SPEC §5).
 
 Written atomically (temp name, fsync, rename) by bootstrap just before it execs the worker;
-read once by the worker. It is the one place model paths reach the worker (FAILURES F3).
+read once by the worker. It is the one channel from the boot to the worker: model paths
+(FAILURES F3), capability states (`Capability`, the one capability-status type), and the
+settings as the boot resolved them (worker id, log format, serve API, the capability closure,
+limits), so the worker parses no setting of the boot's again. Secrets are never written here:
+the worker takes credentials (``BUCKET_*``) from its environment.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from bootstrap.atomic import write_json_atomic
+from bootstrap.settings import Settings
 
 PLAN_VERSION = 1
+#: Settings fields the plan never carries: secrets, and what only describes the environment
+NOT_CARRIED = frozenset({"environ", "sources", "hf_token", "hf_endpoint", "aws_endpoint_url", "bucket"})
 
 
 @dataclass
@@ -41,7 +51,26 @@ class Plan:
     boot_started: float = 0.0
     #: set when a boot error is to be served (BOOTSTRAP_ON_FATAL=serve-error): code/name/error/hint
     fatal: dict[str, Any] | None = None
+    #: the boot's resolved settings (`carry`), minus `NOT_CARRIED`: JSON values by field name
+    settings: dict[str, Any] = field(default_factory=dict)
     version: int = PLAN_VERSION
+
+    def carry(self, settings: Settings) -> None:
+        """Record ``settings`` as the boot resolved them, for `worker_settings`."""
+        self.settings = {
+            f.name: _to_json(getattr(settings, f.name))
+            for f in dataclasses.fields(settings)
+            if f.name not in NOT_CARRIED
+        }
+
+    def worker_settings(self, environ: Mapping[str, str] | None = None) -> Settings:
+        """The worker's settings: the boot's, carried here; ``environ`` (default: the process
+        environment) only supplies what the plan does not carry (credentials, new fields)."""
+        return Settings.from_env(os.environ if environ is None else environ, **self._carried())
+
+    def _carried(self) -> dict[str, Any]:
+        types = {f.name: str(f.type) for f in dataclasses.fields(Settings)}
+        return {k: _from_json(types[k], v) for k, v in self.settings.items() if k in types}
 
     def degrade(self, capability: str, reason: str) -> None:
         cap = self.capabilities.setdefault(capability, Capability())
@@ -56,6 +85,32 @@ class Plan:
         caps = {k: Capability(**v) for k, v in (data.get("capabilities") or {}).items()}
         fields = {k: v for k, v in data.items() if k in cls.__dataclass_fields__ and k != "capabilities"}
         return cls(capabilities=caps, **fields)
+
+
+def _to_json(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, frozenset):
+        return sorted(value)
+    if isinstance(value, tuple):
+        return list(value)
+    if isinstance(value, Mapping):
+        return dict(value)
+    return value
+
+
+def _from_json(annotation: str, value: Any) -> Any:
+    """A carried value back as its Settings field's type (paths, tuples, frozensets)."""
+    if value is None:
+        return None
+    kind = annotation.split("[", 1)[0].split("|", 1)[0].strip()
+    if kind == "Path":
+        return Path(value)
+    if kind == "frozenset":
+        return frozenset(value)
+    if kind == "tuple":
+        return tuple(value)
+    return value
 
 
 def write_plan(path: Path, plan: Plan) -> None:

@@ -18,7 +18,7 @@ from bootstrap.childenv import child_environ
 from bootstrap.env import ensure_env
 from bootstrap.errors import BootstrapError
 from bootstrap.plan import Capability, Plan, write_plan
-from bootstrap.settings import Settings
+from bootstrap.settings import PLAN, Settings
 from bootstrap.timeline import Timeline
 from bootstrap.volume import Volume, preflight, resolve_volume
 from bootstrap.weights import ensure_weights
@@ -35,16 +35,10 @@ OFFLINE_FLAGS = {
 
 
 def worker_environ(settings: Settings, plan_path: Path) -> dict[str, str]:
-    """The worker's environment: ours, plus the plan, the app on PYTHONPATH and offline flags."""
+    """The worker's environment: a child's (no weights credentials), the plan, the app on
+    PYTHONPATH and offline flags. Settings reach the worker through the plan, never from here."""
     env = child_environ(settings.environ, pythonpath=[settings.app_dir], inherit_pythonpath=True)
-    env["BOOTSTRAP_PLAN"] = str(plan_path)
-    env["BOOTSTRAP_WORKER_ID"] = settings.worker_id
-    env["BOOTSTRAP_LOG_FORMAT"] = settings.log_format
-    if settings.serve_api is not None:
-        host, port = settings.serve_api
-        env["BOOTSTRAP_SERVE_API"] = f"{host}:{port}"
-    if settings.optional:
-        env["BOOTSTRAP_OPTIONAL"] = ",".join(sorted(settings.optional))
+    env[PLAN] = str(plan_path)
     env.update(OFFLINE_FLAGS)
     env["PYTHONUNBUFFERED"] = "1"
     return env
@@ -128,6 +122,7 @@ def run(
         raise
     assert volume is not None
     plan.boot_ms = {p: round(ms, 1) for p, ms in timeline.phase_ms.items()}
+    plan.carry(settings)
     plan_path = volume.plan_path(settings.worker_id)
     write_plan(plan_path, plan)
     timeline.close()

@@ -41,6 +41,19 @@ WORKER_CONCURRENCY = "WORKER_CONCURRENCY"
 WORKER_MAX_INPUT_MB = "WORKER_MAX_INPUT_MB"
 WORKER_MAX_PIXELS = "WORKER_MAX_PIXELS"
 WORKER_ALLOW_PRIVATE_URLS = "WORKER_ALLOW_PRIVATE_URLS"
+#: set by `bootstrap run` for the worker it execs: the path of its plan (not a user setting)
+PLAN = "BOOTSTRAP_PLAN"
+#: read by the weights phase (hf:// and s3:// sources) and by the worker's uploads (BUCKET_*)
+HF_TOKEN = "HF_TOKEN"  # noqa: S105 - the variable's name, not a secret
+HF_ENDPOINT = "HF_ENDPOINT"
+HF_DEFAULT_ENDPOINT = "https://huggingface.co"
+AWS_ENDPOINT_URL = "AWS_ENDPOINT_URL"
+AWS_ENDPOINT_URL_S3 = "AWS_ENDPOINT_URL_S3"
+BUCKET_ENDPOINT_URL = "BUCKET_ENDPOINT_URL"
+BUCKET_ACCESS_KEY_ID = "BUCKET_ACCESS_KEY_ID"
+BUCKET_SECRET_ACCESS_KEY = "BUCKET_SECRET_ACCESS_KEY"  # noqa: S105 - the variable's name, not a secret
+BUCKET_NAME = "BUCKET_NAME"
+BUCKET_REGION = "BUCKET_REGION"
 
 PHASES_WITH_BUDGET = ("preflight", "env", "weights", "warm")
 DEFAULT_BUDGETS: Mapping[str, float] = {"preflight": 60, "env": 1800, "weights": 1800, "warm": 600}
@@ -172,6 +185,31 @@ def parse_host_port(raw: str, name: str = SERVE_API) -> tuple[str, int]:
     return host, int(port)
 
 
+def _text(environ: Mapping[str, str], name: str) -> str | None:
+    return (environ.get(name) or "").strip() or None
+
+
+@dataclass(frozen=True)
+class Bucket:
+    """RunPod's job bucket (``BUCKET_*``): where the worker uploads job outputs."""
+
+    endpoint_url: str | None = None
+    access_key_id: str | None = field(default=None, repr=False)
+    secret_access_key: str | None = field(default=None, repr=False)
+    name: str | None = None
+    region: str | None = None
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> Bucket:
+        return cls(
+            endpoint_url=_text(environ, BUCKET_ENDPOINT_URL),
+            access_key_id=_text(environ, BUCKET_ACCESS_KEY_ID),
+            secret_access_key=_text(environ, BUCKET_SECRET_ACCESS_KEY),
+            name=_text(environ, BUCKET_NAME),
+            region=_text(environ, BUCKET_REGION),
+        )
+
+
 @dataclass(frozen=True)
 class Settings:
     """Every setting of SPEC §3, typed. Build it with `Settings.from_env`."""
@@ -202,6 +240,12 @@ class Settings:
     worker_max_pixels: int
     worker_allow_private_urls: bool
     on_runpod: bool
+    #: the hub's token for hf:// weights (never logged, never handed to the worker)
+    hf_token: str | None = field(default=None, repr=False)
+    hf_endpoint: str = HF_DEFAULT_ENDPOINT
+    #: the S3 endpoint of s3:// weights (AWS_ENDPOINT_URL_S3, else AWS_ENDPOINT_URL)
+    aws_endpoint_url: str | None = None
+    bucket: Bucket = field(default_factory=Bucket)
     #: where each value came from: "env" or "default" (for diagnose)
     sources: Mapping[str, str] = field(default_factory=dict)
     #: the environment it was read from, for passing on to child processes
@@ -259,6 +303,10 @@ class Settings:
             "worker_max_pixels": int(_number(env, WORKER_MAX_PIXELS, 40_000_000, minimum=1)),
             "worker_allow_private_urls": _bool(env, WORKER_ALLOW_PRIVATE_URLS, False),
             "on_runpod": on_runpod,
+            "hf_token": _text(env, HF_TOKEN),
+            "hf_endpoint": _text(env, HF_ENDPOINT) or HF_DEFAULT_ENDPOINT,
+            "aws_endpoint_url": _text(env, AWS_ENDPOINT_URL_S3) or _text(env, AWS_ENDPOINT_URL),
+            "bucket": Bucket.from_env(env),
         }
         values.update(overrides)
         sources = {name: ("env" if env.get(name, "").strip() else "default") for name in KNOWN}

@@ -30,7 +30,7 @@ from typing import Any
 from bootstrap.budget import budget
 from bootstrap.errors import BootstrapError, GpuError, WarmLoadError
 from bootstrap.plan import read_plan
-from bootstrap.settings import Settings
+from bootstrap.settings import PLAN, Settings
 from bootstrap.timeline import Timeline
 from bootstrap.volume import Volume
 from worker import pipelines  # noqa: F401 - registers the capabilities
@@ -131,13 +131,13 @@ def serve(worker: Worker, settings: Settings) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m worker")
-    parser.add_argument("--plan", type=Path, default=os.environ.get("BOOTSTRAP_PLAN"))
+    parser.add_argument("--plan", type=Path, default=os.environ.get(PLAN))
     args = parser.parse_args(argv)
-    settings = Settings.from_env()
     if args.plan is None:
         print("error: no plan: run the worker through `bootstrap run`", file=sys.stderr)
         return 2
     plan = read_plan(args.plan)
+    settings = plan.worker_settings()  # the boot's settings, carried by the plan (one channel)
     timeline = Timeline.for_settings(settings)
     timeline.started = plan.boot_started or timeline.started
     timeline.attach(Volume(Path(plan.volume), "plan").log_dir(settings.worker_id), rotate=False)
