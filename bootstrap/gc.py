@@ -32,6 +32,7 @@ from typing import IO
 from bootstrap import env as envmod
 from bootstrap.errors import BootstrapError
 from bootstrap.lease import holder_dead_here, list_leases, writer_is_dead
+from bootstrap.run import with_capability_closure
 from bootstrap.settings import Settings
 from bootstrap.volume import Volume, remove_tree, resolve_volume, tree_size
 
@@ -98,7 +99,8 @@ def collect(
     used = used_env_keys(volume, now)
     live = live_lease_names(volume, settings.lease_ttl_s)
     try:
-        current = envmod.env_key(envmod.key_inputs(settings, settings.extras))
+        closed = with_capability_closure(settings)  # the key a boot of this image would use
+        current = envmod.env_key(envmod.key_inputs(closed, closed.extras))
     except BootstrapError:
         current = ""
     if volume.envs.is_dir():

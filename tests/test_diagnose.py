@@ -683,3 +683,18 @@ def test_degraded_env_and_a_required_extra_that_fails(tmp_path: Path, volume: Pa
     assert (c["exit_code"], c["exit_name"]) == (12, "ENV")
     e = assert_broken(rc, text, report, "env", "ready", "BOOTSTRAP_OPTIONAL")
     assert "latest attempt to build an environment failed (worker w12, exit 12 ENV)" in e["detail"]
+
+
+def test_the_env_key_diagnose_reports_is_over_the_capability_closure(tmp_path: Path) -> None:
+    """video needs faceswap: a boot builds the env of both, and diagnose must name that key."""
+    from bootstrap.env import env_key, key_inputs
+    from bootstrap.run import with_capability_closure
+
+    (tmp_path / "vol").mkdir()
+    s = Settings.from_env(base_environ(BOOTSTRAP_VOLUME=str(tmp_path / "vol"), BOOTSTRAP_EXTRAS="video"))
+    closed = with_capability_closure(s)
+    assert closed.extras != s.extras  # the closure adds faceswap
+    report = dg.collect(s, dg.Options(), only=["env"])
+    key = next(c for c in report.section("env").checks if c.name == "key")
+    assert key.detail.startswith(env_key(key_inputs(closed, closed.extras))), key.detail
+    assert "extras faceswap,video" in key.detail

@@ -22,6 +22,7 @@ from bootstrap.diagnose.volume import check_volume
 from bootstrap.diagnose.weights import check_weights
 from bootstrap.env import env_key, key_inputs
 from bootstrap.errors import BootstrapError
+from bootstrap.run import with_capability_closure
 from bootstrap.settings import KNOWN, Settings
 from bootstrap.timeline import secret_values
 
@@ -43,6 +44,13 @@ def _section_deadline(name: str, o: Options) -> float:
     if name == "gpu":
         return 2 * o.gpu_timeout_s + o.probe_timeout_s
     return o.section_timeout_s
+
+
+def image_key_inputs(settings: Settings) -> dict[str, Any]:
+    """The key inputs of the env a boot of this image would use: over the capability closure
+    of BOOTSTRAP_EXTRAS, as `bootstrap run` computes it (an unknown capability is the error)."""
+    closed = with_capability_closure(settings)
+    return key_inputs(closed, closed.extras)
 
 
 def collect(
@@ -82,7 +90,7 @@ def collect(
     # (a racing reader saw SOABI as None and computed another key).
     try:
         ctx.key_inputs = with_timeout(
-            lambda: key_inputs(settings, settings.extras), o.probe_timeout_s, "the env key's inputs"
+            lambda: image_key_inputs(settings), o.probe_timeout_s, "the env key's inputs"
         )
         ctx.key = env_key(ctx.key_inputs)
     except BootstrapError as err:
