@@ -96,32 +96,8 @@ def collect(
     """What gc would remove, with sizes and reasons. Reads only."""
     now = time.time() if now is None else now
     items: list[Item] = []
-    used = used_env_keys(volume, now)
     live = live_lease_names(volume, settings.lease_ttl_s)
-    try:
-        closed = with_capability_closure(settings)  # the key a boot of this image would use
-        current = envmod.env_key(envmod.key_inputs(closed, closed.extras))
-    except BootstrapError:
-        current = ""
-    if volume.envs.is_dir():
-        for p in sorted(volume.envs.iterdir()):
-            name = p.name
-            if name.startswith(envmod.TMP_PREFIX):
-                named = envmod.parse_tmp_name(name)
-                holders = {n for n in live if n.startswith(f"env-{named.get('key', '-')}")}
-                if not holders and envmod.leftover_is_dead(p, settings.stale_after_s, now):
-                    items.append(Item("leftover", p, tree_size(p), "temp dir of a dead builder"))
-            elif name.startswith(envmod.BROKEN_PREFIX):
-                items.append(Item("broken", p, tree_size(p), "env set aside as broken"))
-            elif name.startswith(envmod.FAILED_PREFIX):
-                if now - _mtime(p) > envmod.RETRY_FULL_AFTER_S:
-                    items.append(Item("record", p, _size(p), "expired degradation record"))
-            elif p.is_dir() and not name.startswith("."):
-                rec = envmod.read_ready(p) or {}
-                built = float(rec.get("built_at") or _mtime(p))
-                if name in used or name == current or f"env-{name}" in live or now - built < KEEP_S:
-                    continue
-                items.append(Item("env", p, tree_size(p), f"no worker used it in {KEEP_S / 86400:g} days"))
+    items += _env_items(settings, volume, now, live)
     if volume.quarantine.is_dir():
         for p in sorted(volume.quarantine.iterdir()):
             if now - _mtime(p) > QUARANTINE_KEEP_S:
@@ -139,6 +115,38 @@ def collect(
                 items.append(Item("leftover", p, _size(p), "lease temp file of a dead writer"))
     if models:
         items += _unlisted_models(settings, volume)
+    return items
+
+
+def _env_items(settings: Settings, volume: Volume, now: float, live: set[str]) -> list[Item]:
+    """What goes in ``envs/``: dead builders' leftovers, broken envs, expired records, unused envs."""
+    items: list[Item] = []
+    if not volume.envs.is_dir():
+        return items
+    used = used_env_keys(volume, now)
+    try:
+        closed = with_capability_closure(settings)  # the key a boot of this image would use
+        current = envmod.env_key(envmod.key_inputs(closed, closed.extras))
+    except BootstrapError:
+        current = ""
+    for p in sorted(volume.envs.iterdir()):
+        name = p.name
+        if name.startswith(envmod.TMP_PREFIX):
+            named = envmod.parse_tmp_name(name)
+            holders = {n for n in live if n.startswith(f"env-{named.get('key', '-')}")}
+            if not holders and envmod.leftover_is_dead(p, settings.stale_after_s, now):
+                items.append(Item("leftover", p, tree_size(p), "temp dir of a dead builder"))
+        elif name.startswith(envmod.BROKEN_PREFIX):
+            items.append(Item("broken", p, tree_size(p), "env set aside as broken"))
+        elif name.startswith(envmod.FAILED_PREFIX):
+            if now - _mtime(p) > envmod.RETRY_FULL_AFTER_S:
+                items.append(Item("record", p, _size(p), "expired degradation record"))
+        elif p.is_dir() and not name.startswith("."):
+            rec = envmod.read_ready(p) or {}
+            built = float(rec.get("built_at") or _mtime(p))
+            if name in used or name == current or f"env-{name}" in live or now - built < KEEP_S:
+                continue
+            items.append(Item("env", p, tree_size(p), f"no worker used it in {KEEP_S / 86400:g} days"))
     return items
 
 

@@ -7,6 +7,8 @@ import os
 import re
 import shutil
 import subprocess
+from pathlib import Path
+from typing import Any
 
 from bootstrap import errors
 from bootstrap.childenv import child_environ
@@ -110,8 +112,6 @@ def check_gpu(ctx: Context) -> list[Check]:
 def _gpu_env_checks(
     ctx: Context, device: bool, driver_cuda: tuple[int, ...] | None, problem: Status, absent: Status
 ) -> list[Check]:
-
-    s, o = ctx.settings, ctx.options
     if ctx.volume is None:
         return ctx.no_volume()
     if ctx.key is None:
@@ -127,6 +127,30 @@ def _gpu_env_checks(
                 hint="run `bootstrap prepare`, then `bootstrap diagnose` again",
             )
         ]
+    found = _run_probe(ctx, final, problem)
+    if isinstance(found, Check):
+        return [found]
+    data, stderr = found
+    checks: list[Check] = []
+    wheel_cuda: list[tuple[str, tuple[int, ...]]] = []
+    if (t := data.get("torch")) is None:
+        checks.append(Check("torch", Status.OK, "not installed in this environment (no capability needs it)"))
+    else:
+        checks.append(_torch_check(t, wheel_cuda, problem if device else absent))
+    if (r := data.get("onnxruntime")) is None:
+        checks.append(
+            Check("onnxruntime", Status.OK, "not installed in this environment (no capability needs it)")
+        )
+    else:
+        checks.append(_onnxruntime_check(r, stderr, wheel_cuda, device, problem if device else absent))
+    if wheel_cuda:
+        checks.append(_cuda_versions_check(wheel_cuda, driver_cuda, problem, absent))
+    return checks
+
+
+def _run_probe(ctx: Context, final: Path, problem: Status) -> tuple[dict[str, Any], str] | Check:
+    """`worker.gpu_probe` run with the env's Python: (its findings, its stderr) or why it failed."""
+    s, o = ctx.settings, ctx.options
     python = env_python(final)
     try:
         proc = subprocess.run(
@@ -139,128 +163,110 @@ def _gpu_env_checks(
             check=False,
         )
     except subprocess.TimeoutExpired:
-        return [
-            Check(
-                "env_probe",
-                problem,
-                f"importing torch/onnxruntime and initialising CUDA took longer than {o.gpu_timeout_s:g} s: "
-                "CUDA init is hanging",
-                hint="terminate this worker so RunPod replaces it (a hung GPU); "
-                + errors.BY_CODE[errors.GPU].todo,
-            )
-        ]
+        return Check(
+            "env_probe",
+            problem,
+            f"importing torch/onnxruntime and initialising CUDA took longer than {o.gpu_timeout_s:g} s: "
+            "CUDA init is hanging",
+            hint="terminate this worker so RunPod replaces it (a hung GPU); "
+            + errors.BY_CODE[errors.GPU].todo,
+        )
     except OSError as err:
-        return [Check("env_probe", Status.BROKEN, f"{python} cannot run: {err}", hint="see the env section")]
+        return Check("env_probe", Status.BROKEN, f"{python} cannot run: {err}", hint="see the env section")
     marker = proc.stdout.rfind(gpu_probe.MARKER)
     if marker < 0:
         last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        return [
-            Check(
-                "env_probe",
-                Status.BROKEN,
-                f"the probe failed in {python}: {last}",
-                hint="see the env section",
-            )
-        ]
+        return Check(
+            "env_probe",
+            Status.BROKEN,
+            f"the probe failed in {python}: {last}",
+            hint="see the env section",
+        )
     data = json.loads(proc.stdout[marker + len(gpu_probe.MARKER) :].strip())
-    stderr = _ANSI.sub("", proc.stderr)
-    checks: list[Check] = []
-    wheel_cuda: list[tuple[str, tuple[int, ...]]] = []
-    t = data.get("torch")
-    if t is None:
-        checks.append(Check("torch", Status.OK, "not installed in this environment (no capability needs it)"))
-    else:
-        if (v := version_tuple(t.get("cuda"))) is not None:
-            wheel_cuda.append((f"torch {t.get('version')}", v))
-        if t.get("available") and not t.get("error"):
-            checks.append(
-                Check(
-                    "torch",
-                    Status.OK,
-                    f"torch {t.get('version')} (CUDA {t.get('cuda')}): CUDA works on {t.get('device')}",
-                )
-            )
-        else:
-            why = t.get("error") or "torch.cuda.is_available() is False"
-            checks.append(
-                Check(
-                    "torch",
-                    problem if device else absent,
-                    f"torch {t.get('version', '?')} (CUDA {t.get('cuda')}): CUDA unusable: {why}",
-                    hint=errors.BY_CODE[errors.GPU].todo,
-                )
-            )
-    r = data.get("onnxruntime")
-    if r is None:
-        checks.append(
-            Check("onnxruntime", Status.OK, "not installed in this environment (no capability needs it)")
+    return data, _ANSI.sub("", proc.stderr)
+
+
+def _torch_check(t: dict[str, Any], wheel_cuda: list[tuple[str, tuple[int, ...]]], unusable: Status) -> Check:
+    if (v := version_tuple(t.get("cuda"))) is not None:
+        wheel_cuda.append((f"torch {t.get('version')}", v))
+    if t.get("available") and not t.get("error"):
+        return Check(
+            "torch",
+            Status.OK,
+            f"torch {t.get('version')} (CUDA {t.get('cuda')}): CUDA works on {t.get('device')}",
+        )
+    why = t.get("error") or "torch.cuda.is_available() is False"
+    return Check(
+        "torch",
+        unusable,
+        f"torch {t.get('version', '?')} (CUDA {t.get('cuda')}): CUDA unusable: {why}",
+        hint=errors.BY_CODE[errors.GPU].todo,
+    )
+
+
+def _onnxruntime_check(
+    r: dict[str, Any],
+    stderr: str,
+    wheel_cuda: list[tuple[str, tuple[int, ...]]],
+    device: bool,
+    unusable: Status,
+) -> Check:
+    if (v := version_tuple(r.get("cuda"))) is not None:
+        wheel_cuda.append((f"{r.get('package') or 'onnxruntime'} {r.get('version')}", v))
+    session = r.get("session") or []
+    head = f"{r.get('package') or 'onnxruntime'} {r.get('version', '?')}"
+    if r.get("error"):
+        return Check(
+            "onnxruntime", Status.BROKEN, f"{head}: a session fails: {r['error']}", hint="see the env section"
+        )
+    if "CUDAExecutionProvider" in session:
+        return Check("onnxruntime", Status.OK, f"{head}: a session runs on {', '.join(session)}")
+    reasons = [
+        line.strip()
+        for line in stderr.splitlines()
+        if "Failed to load library" in line or "Require cuDNN" in line or "Failed to create CUDA" in line
+    ]
+    why = ("; ".join(reasons))[-600:] or "the CUDA provider is not available in this build"
+    if device:
+        detail = (
+            f"{head}: onnxruntime falls back to CPU on this GPU machine (session providers {session}): {why}"
         )
     else:
-        if (v := version_tuple(r.get("cuda"))) is not None:
-            wheel_cuda.append((f"{r.get('package') or 'onnxruntime'} {r.get('version')}", v))
-        session = r.get("session") or []
-        head = f"{r.get('package') or 'onnxruntime'} {r.get('version', '?')}"
-        if r.get("error"):
-            checks.append(
-                Check(
-                    "onnxruntime",
-                    Status.BROKEN,
-                    f"{head}: a session fails: {r['error']}",
-                    hint="see the env section",
-                )
-            )
-        elif "CUDAExecutionProvider" in session:
-            checks.append(Check("onnxruntime", Status.OK, f"{head}: a session runs on {', '.join(session)}"))
-        else:
-            reasons = [
-                line.strip()
-                for line in stderr.splitlines()
-                if "Failed to load library" in line
-                or "Require cuDNN" in line
-                or "Failed to create CUDA" in line
-            ]
-            why = ("; ".join(reasons))[-600:] or "the CUDA provider is not available in this build"
-            if device:
-                detail = f"{head}: onnxruntime falls back to CPU on this GPU machine (session providers {session}): {why}"
-            else:
-                detail = f"{head}: CPU only here (no GPU; session providers {session}); on a GPU: {why}"
-            checks.append(
-                Check(
-                    "onnxruntime",
-                    problem if device else absent,
-                    detail,
-                    hint="install the CUDA/cuDNN libraries the wheel needs (or pick wheels for the "
-                    f"driver's CUDA); {errors.BY_CODE[errors.GPU].todo}",
-                )
-            )
-    if wheel_cuda:
-        wants = ", ".join(f"{name} wants CUDA {'.'.join(map(str, v))}" for name, v in wheel_cuda)
-        if driver_cuda is None:
-            checks.append(
-                Check(
-                    "cuda_versions",
-                    absent,
-                    f"{wants}; no NVIDIA driver here to compare with",
-                    hint="on RunPod, pick GPU types whose driver supports that CUDA version (the endpoint's "
-                    "CUDA version filter)",
-                )
-            )
-        else:
-            too_new = [(n, v) for n, v in wheel_cuda if v > driver_cuda]
-            have = ".".join(map(str, driver_cuda))
-            if too_new:
-                checks.append(
-                    Check(
-                        "cuda_versions",
-                        problem,
-                        f"{wants}, but the driver supports CUDA up to {have}",
-                        hint="pick a GPU type whose driver supports the wheels' CUDA (the endpoint's CUDA "
-                        "version filter), or pin wheels built for CUDA " + have,
-                    )
-                )
-            else:
-                checks.append(Check("cuda_versions", Status.OK, f"{wants}; the driver supports up to {have}"))
-    return checks
+        detail = f"{head}: CPU only here (no GPU; session providers {session}); on a GPU: {why}"
+    return Check(
+        "onnxruntime",
+        unusable,
+        detail,
+        hint="install the CUDA/cuDNN libraries the wheel needs (or pick wheels for the "
+        f"driver's CUDA); {errors.BY_CODE[errors.GPU].todo}",
+    )
+
+
+def _cuda_versions_check(
+    wheel_cuda: list[tuple[str, tuple[int, ...]]],
+    driver_cuda: tuple[int, ...] | None,
+    problem: Status,
+    absent: Status,
+) -> Check:
+    wants = ", ".join(f"{name} wants CUDA {'.'.join(map(str, v))}" for name, v in wheel_cuda)
+    if driver_cuda is None:
+        return Check(
+            "cuda_versions",
+            absent,
+            f"{wants}; no NVIDIA driver here to compare with",
+            hint="on RunPod, pick GPU types whose driver supports that CUDA version (the endpoint's "
+            "CUDA version filter)",
+        )
+    have = ".".join(map(str, driver_cuda))
+    if any(v > driver_cuda for _n, v in wheel_cuda):
+        return Check(
+            "cuda_versions",
+            problem,
+            f"{wants}, but the driver supports CUDA up to {have}",
+            hint="pick a GPU type whose driver supports the wheels' CUDA (the endpoint's CUDA "
+            "version filter), or pin wheels built for CUDA " + have,
+        )
+    return Check("cuda_versions", Status.OK, f"{wants}; the driver supports up to {have}")
 
 
 # -- last boot --------------------------------------------------------------------------------

@@ -176,55 +176,51 @@ def _volume_checks(ctx: Context, vol: Volume) -> list[Check]:
         checks.append(
             Check("free_space", Status.UNKNOWN, f"statvfs failed: {err}", hint="check the mount with `df -h`")
         )
-    nbytes = o.speed_probe_bytes
-    if not writable:
-        checks.append(
-            Check("speed", Status.UNKNOWN, "not measured: the volume is not writable", hint="see `writable`")
-        )
-    elif free is not None and free < 8 * nbytes:
-        checks.append(
-            Check(
-                "speed",
-                Status.UNKNOWN,
-                f"not measured: only {human_bytes(free)} free",
-                hint="free space first (see free_space)",
-            )
-        )
-    else:
-        try:
-            w, r = with_timeout(
-                lambda: _write_probe(probe_dir, nbytes),
-                o.probe_timeout_s,
-                f"a {human_bytes(nbytes)} speed probe",
-            )
-            wr, rr = nbytes / max(w, 1e-6), nbytes / max(r, 1e-6)
-            text = (
-                f"write {human_bytes(wr)}/s (fsynced), read {human_bytes(rr)}/s, {human_bytes(nbytes)} probe"
-            )
-            if wr < 5e6:
-                checks.append(
-                    Check(
-                        "speed",
-                        Status.DEGRADED,
-                        text + ": very slow",
-                        hint="the volume is slow right now: cold boots will take long; fill it with "
-                        "`bootstrap prepare` before scaling out, or use a volume in the workers' data centre",
-                    )
-                )
-            else:
-                checks.append(Check("speed", Status.OK, text))
-        except ProbeTimeout as err:
-            checks.append(
-                Check(
-                    "speed",
-                    Status.DEGRADED,
-                    str(err),
-                    hint="the volume is very slow or stalling: cold boots will exceed their budgets",
-                )
-            )
-        except OSError as err:
-            checks.append(Check("speed", Status.UNKNOWN, f"probe failed: {err}", hint="see `writable`"))
+    checks.append(_speed_check(ctx, probe_dir, writable, free))
     return checks
 
 
 # -- env --------------------------------------------------------------------------------------
+
+
+def _speed_check(ctx: Context, probe_dir: Path, writable: bool, free: int | None) -> Check:
+    """Write and read a probe of ``speed_probe_bytes``: a slow volume makes every cold boot slow."""
+    o = ctx.options
+    nbytes = o.speed_probe_bytes
+    if not writable:
+        return Check(
+            "speed", Status.UNKNOWN, "not measured: the volume is not writable", hint="see `writable`"
+        )
+    if free is not None and free < 8 * nbytes:
+        return Check(
+            "speed",
+            Status.UNKNOWN,
+            f"not measured: only {human_bytes(free)} free",
+            hint="free space first (see free_space)",
+        )
+    try:
+        w, r = with_timeout(
+            lambda: _write_probe(probe_dir, nbytes),
+            o.probe_timeout_s,
+            f"a {human_bytes(nbytes)} speed probe",
+        )
+        wr, rr = nbytes / max(w, 1e-6), nbytes / max(r, 1e-6)
+        text = f"write {human_bytes(wr)}/s (fsynced), read {human_bytes(rr)}/s, {human_bytes(nbytes)} probe"
+        if wr < 5e6:
+            return Check(
+                "speed",
+                Status.DEGRADED,
+                text + ": very slow",
+                hint="the volume is slow right now: cold boots will take long; fill it with "
+                "`bootstrap prepare` before scaling out, or use a volume in the workers' data centre",
+            )
+        return Check("speed", Status.OK, text)
+    except ProbeTimeout as err:
+        return Check(
+            "speed",
+            Status.DEGRADED,
+            str(err),
+            hint="the volume is very slow or stalling: cold boots will exceed their budgets",
+        )
+    except OSError as err:
+        return Check("speed", Status.UNKNOWN, f"probe failed: {err}", hint="see `writable`")
