@@ -348,8 +348,7 @@ def _half_built_check(
         size = size_text(dir_size(p, deadline), o.size_budget_s)
         # The builder's own heartbeat file (``.builder``: host, pid, touched every TTL/3) is the
         # witness; the lease only names who it is.
-        alive = not leftover_is_dead(p, ctx.settings.stale_after_s, o.clock())
-        if alive:
+        if not leftover_is_dead(p, ctx.settings.stale_after_s, o.clock()):
             who = builder.get("owner", "?") if builder else "a live builder"
             lines.append(f"{p.name}: being built by {who} ({size}, {age} old)")
             continue

@@ -23,10 +23,10 @@ from bootstrap.env.clone import clone, closest_ready, new_distributions, site_pa
 from bootstrap.env.estimate import estimate_install_bytes
 from bootstrap.env.key import (
     READY,
-    check_home,
     env_key,
     env_python,
     failure_path,
+    home_problem,
     is_ready,
     key_inputs,
     pyvenv_home,
@@ -204,7 +204,7 @@ def build(
                     )
                     if proc.returncode != 0:
                         raise EnvBuildError(f"uv venv failed: {uv_error(proc)}")
-            problem = check_home(tmp, python)
+            problem = home_problem(tmp, python)
             if problem is not None:
                 raise EnvBuildError(f"the new env's interpreter is not the expected one: {problem}")
             with b.step("sync"):

@@ -135,7 +135,7 @@ def pyvenv_home(env_dir: Path) -> str | None:
 # -- disk estimate ------------------------------------------------------------------------------
 
 
-def check_home(path: Path, python: interp.Interpreter) -> str | None:
+def home_problem(path: Path, python: interp.Interpreter) -> str | None:
     """None when ``pyvenv.cfg`` home is the interpreter's directory; else what is wrong."""
     home = pyvenv_home(path)
     want = str(python.executable.parent)
