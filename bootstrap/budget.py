@@ -3,6 +3,10 @@
 A watchdog thread that, when a phase's budget runs out, logs ``fail`` with BUDGET (17), kills
 the phase's child processes (uv, a downloader) and exits the process. Standard library only
 (psutil when present): the worker uses it for its warm phase.
+
+The phase's end and the watchdog race for one decision: whichever claims it first wins. A
+phase that ends after the watchdog claimed it waits for the exit with 17 — a boot never logs
+a budget failure and then goes on (or exits 0).
 """
 
 from __future__ import annotations
@@ -34,9 +38,17 @@ def budget(timeline: Timeline, phase: str, seconds: float | None) -> Iterator[No
         yield
         return
     done = threading.Event()
+    lock = threading.Lock()
+    decided: list[str] = []  # "ended" or "expired": the first claim wins
+
+    def claim(outcome: str) -> bool:
+        with lock:
+            if not decided:
+                decided.append(outcome)
+            return decided[0] == outcome
 
     def expire() -> None:
-        if done.wait(seconds):
+        if done.wait(seconds) or not claim("expired"):
             return
         err = BudgetError(
             f"phase {phase} ran past its budget of {seconds:g} s",
@@ -58,3 +70,6 @@ def budget(timeline: Timeline, phase: str, seconds: float | None) -> Iterator[No
         yield
     finally:
         done.set()
+        if not claim("ended"):
+            watchdog.join()  # it is failing the boot and exits with 17; it never returns here
+            raise BudgetError(f"phase {phase} ran past its budget of {seconds:g} s")

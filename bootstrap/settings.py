@@ -6,6 +6,7 @@ values it needs) as an argument, so tests hand in their own environment instead 
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import socket
@@ -111,10 +112,10 @@ def _number(environ: Mapping[str, str], name: str, default: float, *, minimum: f
         raise ConfigError(
             f"{name}={raw!r} is not a number", hint=f"set {name} to a number, e.g. {default:g}"
         ) from None
-    if value < minimum or value != value:  # NaN
+    if not math.isfinite(value) or value < minimum:  # nan and inf are not numbers of anything
         raise ConfigError(
-            f"{name}={raw!r} must be at least {minimum:g}",
-            hint=f"set {name} to a number ≥ {minimum:g}",
+            f"{name}={raw!r} must be a finite number of at least {minimum:g}",
+            hint=f"set {name} to a number ≥ {minimum:g}, e.g. {default:g}",
         )
     return value
 
@@ -169,8 +170,11 @@ def parse_budgets(raw: str | None) -> dict[str, float]:
             raise ConfigError(
                 f"{PHASE_BUDGET_S}: {value!r} is not a number of seconds", hint="e.g. env=1200"
             ) from None
-        if seconds <= 0:
-            raise ConfigError(f"{PHASE_BUDGET_S}: budget for {phase} must be positive", hint="e.g. env=1200")
+        if not math.isfinite(seconds) or seconds <= 0:  # nan compares false: never "> 0" by accident
+            raise ConfigError(
+                f"{PHASE_BUDGET_S}: budget for {phase} must be a finite, positive number of seconds, not {value.strip()!r}",
+                hint="e.g. env=1200",
+            )
         budgets[phase] = seconds
     return budgets
 

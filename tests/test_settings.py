@@ -187,3 +187,62 @@ def test_password_in_a_url_is_scrubbed_from_the_timeline() -> None:
     assert "hunter2secret" not in out
     assert "https://bob:***@mirror.internal/models" in out
     assert "http://host:8080/x" in out
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("BOOTSTRAP_PHASE_BUDGET_S", "env=nan"),
+        ("BOOTSTRAP_PHASE_BUDGET_S", "weights=inf"),
+        ("BOOTSTRAP_PHASE_BUDGET_S", "warm=0"),
+        ("BOOTSTRAP_PHASE_BUDGET_S", "env=-inf"),
+        ("BOOTSTRAP_MIN_FREE_GB", "inf"),
+        ("BOOTSTRAP_MIN_FREE_GB", "nan"),
+        ("BOOTSTRAP_LOCK_TIMEOUT_S", "inf"),
+    ],
+)
+def test_only_finite_numbers_are_settings(name: str, value: str) -> None:
+    """nan and inf parse as floats: a budget of nan never expires, MIN_FREE_GB=inf was exit 1."""
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env({name: value})
+    assert info.value.exit_code == 2 and name in info.value.message
+
+
+def test_an_infinite_reserve_exits_2_from_the_cli(tmp_path: Path) -> None:
+    proc = run_bootstrap(["run"], base_environ(BOOTSTRAP_MIN_FREE_GB="inf"), cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("error: BOOTSTRAP_MIN_FREE_GB='inf' must be a finite number")
+
+
+RACE = """
+import io, sys, time
+from bootstrap.budget import budget
+from bootstrap.timeline import Timeline
+
+class SlowAfterFirst(io.StringIO):
+    # the fail event is written at once; every later line (error, hint) takes a while
+    def write(self, s):
+        if self.getvalue():
+            time.sleep(0.5)
+        sys.stderr.write(s)
+        sys.stderr.flush()
+        return super().write(s)
+
+timeline = Timeline("race", log_format="json", stream=SlowAfterFirst())
+with budget(timeline, "env", 0.2):
+    time.sleep(0.35)  # the phase ends while the watchdog is failing it
+print("phase ended", flush=True)
+"""
+
+
+def test_a_budget_expiring_as_the_phase_ends_never_logs_a_failure_then_exits_0() -> None:
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-c", RACE], capture_output=True, text=True, timeout=60, check=False
+    )
+    failed = '"event": "fail"' in proc.stderr
+    assert failed, proc.stderr  # the watchdog fired first here, by construction
+    assert proc.returncode == 17, (proc.returncode, proc.stdout, proc.stderr)
+    assert "phase ended" not in proc.stdout
