@@ -116,7 +116,7 @@ def _cmd_diagnose(args: argparse.Namespace, settings: Settings | None) -> int:
 def _cmd_explain(args: argparse.Namespace, settings: Settings) -> int:
     code = errors.lookup(args.code)
     if code is None:
-        known = ", ".join(f"{e.code} {e.name}" for e in errors.EXIT_CODES)
+        known = ", ".join(f"{e.code} {e.name}" for e in errors.EXPLAINED.values())
         print(f"error: unknown exit code {args.code!r}", file=sys.stderr)
         print(f"hint: known codes are {known}", file=sys.stderr)
         return errors.CONFIG

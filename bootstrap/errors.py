@@ -105,8 +105,50 @@ EXIT_CODES: tuple[ExitCode, ...] = (
     ),
 )
 
+#: Codes a RunPod user sees that are not bootstrap's own (SPEC §4): `bootstrap explain` names them too.
+OTHER_CODES: tuple[ExitCode, ...] = (
+    ExitCode(
+        3,
+        "BROKEN",
+        "`bootstrap diagnose` found something broken (it exits 0 when nothing is, 1 for its own bug)",
+        "read the broken checks of `bootstrap diagnose`: each says what to do",
+    ),
+    ExitCode(
+        130,
+        "SIGINT",
+        "stopped by SIGINT (Ctrl-C in a pod shell): 128 + 2",
+        "nothing is wrong with the worker; run it again (a boot resumes or redoes the interrupted work)",
+    ),
+    ExitCode(
+        137,
+        "SIGKILL",
+        "killed by SIGKILL (128 + 9): on RunPod almost always the container's memory limit (the OOM "
+        "killer), else the platform stopping a worker that ignored SIGTERM",
+        "pick a GPU type or container with more RAM, lower WORKER_CONCURRENCY or the job's size "
+        "limits (WORKER_MAX_PIXELS, WORKER_MAX_INPUT_MB); the boot log's last phase shows where it died",
+    ),
+    ExitCode(
+        139,
+        "SIGSEGV",
+        "a crash in native code (SIGSEGV, 128 + 11): a CUDA, onnxruntime or torch library, or a "
+        "driver that does not match the wheels",
+        "run `bootstrap diagnose` (gpu section: driver and wheel CUDA versions); the worker's stderr "
+        "holds the native traceback (faulthandler)",
+    ),
+    ExitCode(
+        143,
+        "SIGTERM",
+        "stopped by SIGTERM (128 + 15): the platform scaling the worker down or replacing it",
+        "nothing is wrong if the endpoint scaled down; if it happens during boots, raise the "
+        "endpoint's init timeout (RUNPOD_INIT_TIMEOUT) or fill the volume with `bootstrap prepare`",
+    ),
+)
+
 BY_CODE: dict[int, ExitCode] = {e.code: e for e in EXIT_CODES}
 BY_NAME: dict[str, ExitCode] = {e.name: e for e in EXIT_CODES}
+#: every code `bootstrap explain` knows: bootstrap's own and the others a user sees
+EXPLAINED: dict[int, ExitCode] = {e.code: e for e in (*EXIT_CODES, *OTHER_CODES)}
+_EXPLAINED_BY_NAME: dict[str, ExitCode] = {e.name: e for e in EXPLAINED.values()}
 
 OK = 0
 INTERNAL = 1
@@ -122,13 +164,13 @@ BUDGET = 17
 
 
 def lookup(code_or_name: str | int) -> ExitCode | None:
-    """An exit code by number (``13``, ``"13"``) or name (``"WEIGHTS"``, any case)."""
+    """An exit code by number (``13``, ``"13"``, ``137``) or name (``"WEIGHTS"``, any case)."""
     if isinstance(code_or_name, int):
-        return BY_CODE.get(code_or_name)
+        return EXPLAINED.get(code_or_name)
     text = code_or_name.strip()
     if text.lstrip("-").isdigit():
-        return BY_CODE.get(int(text))
-    return BY_NAME.get(text.upper())
+        return EXPLAINED.get(int(text))
+    return _EXPLAINED_BY_NAME.get(text.upper())
 
 
 class BootstrapError(Exception):

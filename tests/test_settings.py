@@ -246,3 +246,16 @@ def test_a_budget_expiring_as_the_phase_ends_never_logs_a_failure_then_exits_0()
     assert failed, proc.stderr  # the watchdog fired first here, by construction
     assert proc.returncode == 17, (proc.returncode, proc.stdout, proc.stderr)
     assert "phase ended" not in proc.stdout
+
+
+@pytest.mark.parametrize(
+    ("code", "word"),
+    [(3, "diagnose"), (130, "SIGINT"), (137, "memory limit"), (139, "native code"), (143, "SIGTERM")],
+)
+def test_explain_names_the_codes_a_runpod_user_sees_that_are_not_ours(code: int, word: str) -> None:
+    proc = run_bootstrap(["explain", str(code)], base_environ())
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith(f"exit code {code} (") and word in proc.stdout
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    e = errors.lookup(code)
+    assert e is not None and f"| {e.code} | `{e.name}` | {e.meaning} | {e.todo} |" in readme
