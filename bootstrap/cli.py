@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import traceback
 from collections.abc import Sequence
@@ -18,6 +19,7 @@ from typing import TYPE_CHECKING
 from bootstrap import errors
 from bootstrap.errors import BootstrapError, ConfigError
 from bootstrap.settings import Settings
+from bootstrap.timeline import scrub, secret_values
 
 if TYPE_CHECKING:
     from bootstrap.timing import Options
@@ -105,8 +107,6 @@ def explain_text(code: errors.ExitCode) -> str:
 
 
 def _cmd_diagnose(args: argparse.Namespace, settings: Settings | None) -> int:
-    import os
-
     from bootstrap.diagnose import run_diagnose
 
     # Reads the environment itself: a bad setting is reported (exit 3), not fatal (exit 2).
@@ -224,15 +224,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BootstrapError as err:
         if debug:
             traceback.print_exc()
-        print(f"error: {err.message}", file=sys.stderr)
-        print(f"hint: {err.hint}", file=sys.stderr)
+        secrets = secret_values(os.environ)  # stderr is scrubbed like every stream bootstrap writes
+        print(f"error: {scrub(err.message, secrets)}", file=sys.stderr)
+        print(f"hint: {scrub(err.hint, secrets)}", file=sys.stderr)
         return err.exit_code
     except KeyboardInterrupt:
         return 130
     except Exception as err:
         if debug:
             traceback.print_exc()
-        print(f"error: internal error: {type(err).__name__}: {err}", file=sys.stderr)
+        print(
+            f"error: internal error: {type(err).__name__}: {scrub(str(err), secret_values(os.environ))}",
+            file=sys.stderr,
+        )
         print(
             "hint: this is a bug; rerun with BOOTSTRAP_DEBUG=1 for the traceback and report it",
             file=sys.stderr,

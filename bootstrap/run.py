@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import IO
 
@@ -19,7 +20,7 @@ from bootstrap.env import ensure_env
 from bootstrap.errors import BootstrapError
 from bootstrap.plan import Capability, Plan, write_plan
 from bootstrap.settings import PLAN, Settings
-from bootstrap.timeline import Timeline
+from bootstrap.timeline import Timeline, scrub, scrub_data
 from bootstrap.volume import Volume, preflight, resolve_volume
 from bootstrap.weights import ensure_weights
 
@@ -109,10 +110,10 @@ def run(
             return 0
     except BootstrapError as err:
         if not _serve_error(settings, plan, volume, phase):
-            _print_error(err, stream)
+            _print_error(err, stream, timeline.secrets)
             timeline.close()
             return err.exit_code
-        plan.fatal = err.as_detail()
+        plan.fatal = scrub_data(err.as_detail(), timeline.secrets)  # state/*.json lives on the volume
         timeline.log(
             f"BOOTSTRAP_ON_FATAL=serve-error: serving the error for {settings.fatal_grace_s:g} s",
             level="warn",
@@ -149,10 +150,11 @@ def _serve_error(settings: Settings, plan: Plan, volume: Volume | None, phase: s
     )
 
 
-def _print_error(err: BootstrapError, stream: IO[str] | None) -> None:
+def _print_error(err: BootstrapError, stream: IO[str] | None, secrets: Sequence[str]) -> None:
+    """The ``error:``/``hint:`` lines on stderr, scrubbed like every other stream bootstrap writes."""
     out = sys.stderr if stream is None else stream
-    print(f"error: {err.message}", file=out)
-    print(f"hint: {err.hint}", file=out)
+    print(f"error: {scrub(err.message, secrets)}", file=out)
+    print(f"hint: {scrub(err.hint, secrets)}", file=out)
     print(
         f"exit code {err.exit_code} ({err.name}); `bootstrap explain {err.exit_code}` says more",
         file=out,

@@ -48,6 +48,17 @@ def scrub(text: str, secrets: Sequence[str]) -> str:
     return URL_PASSWORD.sub(r"\1***@", text)
 
 
+def scrub_data(data: Any, secrets: Sequence[str]) -> Any:
+    """Every string in ``data`` (dicts and lists walked) passed through `scrub`."""
+    if isinstance(data, str):
+        return scrub(data, secrets)
+    if isinstance(data, dict):
+        return {k: scrub_data(v, secrets) for k, v in data.items()}
+    if isinstance(data, list):
+        return [scrub_data(v, secrets) for v in data]
+    return data
+
+
 def secret_values(environ: Mapping[str, str]) -> tuple[str, ...]:
     """Values of secret-named variables long enough to be worth scrubbing, longest first."""
     values = {v for k, v in environ.items() if is_secret_name(k) and len(v) >= 4}

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from bootstrap import errors
-from bootstrap.timeline import scrub
+from bootstrap.timeline import scrub_data
 
 REPORT_VERSION = 1
 
@@ -107,14 +107,3 @@ class Report:
         data = {"report_version": REPORT_VERSION, "status": str(self.status), "sections": sections}
         scrubbed: dict[str, Any] = scrub_data(data, self.secrets)
         return scrubbed
-
-
-def scrub_data(data: Any, secrets: Sequence[str]) -> Any:
-    """Every string in ``data`` (dicts and lists walked) scrubbed of ``secrets`` and URL passwords."""
-    if isinstance(data, str):
-        return scrub(data, secrets)
-    if isinstance(data, dict):
-        return {k: scrub_data(v, secrets) for k, v in data.items()}
-    if isinstance(data, list):
-        return [scrub_data(v, secrets) for v in data]
-    return data
