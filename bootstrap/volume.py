@@ -160,7 +160,8 @@ def resolve_volume(
 ) -> Volume:
     """Find the volume exactly as SPEC §3 says.
 
-    1. ``BOOTSTRAP_VOLUME`` when set: it need not be a mount point, but must be a directory.
+    1. ``BOOTSTRAP_VOLUME`` when set: it need not be a mount point, but must be a directory
+       (``serve``, with ``allow_local``, creates it when it does not exist).
     2. ``/runpod-volume`` when it is a mount point (serverless).
     3. ``/workspace`` when it is a mount point (a pod).
     4. ``./.volume`` — for ``serve`` (``allow_local``), and for ``run`` only when the volume is
@@ -168,6 +169,16 @@ def resolve_volume(
     """
     if settings.volume is not None:
         root = settings.volume.expanduser()
+        if allow_local and not root.exists():
+            # `serve` is a local run: a named directory that does not exist yet is made. `run`
+            # never does this: a missing mount must not silently become container disk.
+            try:
+                root.mkdir(parents=True)
+            except OSError as err:
+                raise VolumeError(
+                    f"{VOLUME}={settings.volume} does not exist and cannot be created: {err.strerror or err}",
+                    hint=f"point {VOLUME} at a writable directory",
+                ) from None
         if not root.is_dir():
             raise VolumeError(
                 f"{VOLUME}={settings.volume} does not exist or is not a directory",
