@@ -31,9 +31,10 @@ sys.path.insert(0, str(REPO))
 from bootstrap import diagnose as dg  # noqa: E402
 from bootstrap.settings import Settings  # noqa: E402
 from tests.helpers import base_environ, seed_uv_cache  # noqa: E402
+from worker.gpu_probe import PROBE_MODEL  # noqa: E402
 
 #: A valid 69-byte ONNX model (one Identity node), the same diagnose's GPU probe uses.
-MODEL = base64.b64decode(dg._PROBE_MODEL)
+MODEL = base64.b64decode(PROBE_MODEL)
 
 
 def timed(cmd: list[str], env: dict[str, str], ok: tuple[int, ...] = (0,)) -> tuple[float, str]:

@@ -17,7 +17,7 @@ from bootstrap.budget import budget
 from bootstrap.capabilities import capability_table, select
 from bootstrap.childenv import child_environ
 from bootstrap.env import ensure_env
-from bootstrap.errors import BootstrapError
+from bootstrap.errors import BootstrapError, EnvBuildError
 from bootstrap.plan import Capability, Plan, write_plan
 from bootstrap.settings import PLAN, Settings
 from bootstrap.timeline import Timeline, scrub, scrub_data
@@ -126,8 +126,21 @@ def run(
     plan.carry(settings)
     plan_path = volume.plan_path(settings.worker_id)
     write_plan(plan_path, plan)
-    timeline.close()
-    exec_worker(settings, Path(plan.python or sys.executable), plan_path)
+    python = Path(plan.python or sys.executable)
+    try:  # the timeline's files are not inherited: exec closes them, every line already written
+        exec_worker(settings, python, plan_path)
+    except OSError as err:
+        failure = EnvBuildError(
+            f"cannot start the worker: exec of {python} failed: {err.strerror or err}",
+            hint="the environment is damaged: `bootstrap diagnose` shows it; move "
+            f"{plan.env_path} aside (its name starting with .broken-) and the next boot rebuilds it",
+        )
+        timeline.event("import", "fail", detail=failure.as_detail())
+        timeline.log(f"error: {failure.message}", level="error")
+        _print_error(failure, stream, timeline.secrets)
+        return failure.exit_code
+    finally:
+        timeline.close()
     return 1  # only reached when exec is replaced in tests
 
 

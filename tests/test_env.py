@@ -414,3 +414,37 @@ def test_find_managed_picks_the_newest_matching_default_build(tmp_path: Path) ->
         == base / "cpython-3.12.1-linux-x86_64-gnu" / "bin" / "python3.12"
     )
     assert interp.find_managed(tmp_path, "3.13") is None
+
+
+@pytest.mark.slow
+def test_ready_env_without_its_python_is_set_aside_and_rebuilt(project: Path, volume: Path) -> None:
+    """A READY env whose bin/python is gone was reused, and every boot exited 1 with nothing logged."""
+    assert _boot(volume, project, BOOTSTRAP_WORKER_ID="w1").returncode == 0
+    (final,) = published_envs(volume)
+    envmod.env_python(final).unlink()
+    proc = _boot(volume, project, BOOTSTRAP_WORKER_ID="w2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert env_end(proc.stdout)["reused"] is False
+    assert "is missing: the environment is damaged" in _boot_log(volume, "w2")
+    assert envmod.env_python(final).exists()
+    check_env_works(final)
+    aside = [p for p in (volume / ".bootstrap" / "envs").iterdir() if p.name.startswith(envmod.BROKEN_PREFIX)]
+    assert len(aside) == 1
+
+
+@pytest.mark.slow
+def test_a_failed_exec_of_the_worker_is_logged_and_named(project: Path, volume: Path) -> None:
+    assert _boot(volume, project, BOOTSTRAP_WORKER_ID="w1").returncode == 0
+    (final,) = published_envs(volume)
+    exe = envmod.env_python(final)
+    exe.unlink()
+    exe.write_text("not a program\n")  # there, but not executable: exec fails with EACCES
+    proc = run_bootstrap(["run"], env_environ(volume, project, BOOTSTRAP_WORKER_ID="w3"), timeout=300)
+    assert proc.returncode == 12, proc.stderr[-3000:]
+    assert f"exec of {exe} failed" in proc.stderr
+    assert f"exec of {exe} failed" in _boot_log(volume, "w3")
+    events = [
+        json.loads(line)
+        for line in (volume / ".bootstrap" / "logs" / "w3" / "boot.jsonl").read_text().splitlines()
+    ]
+    assert events[-1]["event"] == "fail" and events[-1]["detail"]["code"] == 12

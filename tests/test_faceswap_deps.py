@@ -160,12 +160,14 @@ def test_built_env_imports_without_libgl_and_passes_the_smoke_test(
     assert result == {"base": None, "capabilities": {"faceswap": None}}
 
     # Every CUDA library the CUDA provider needs is in the env: on this GPU-less machine the
-    # only thing it misses is the driver, which a GPU host provides.
+    # only thing it misses is the driver, which a GPU host provides. The session is made by the
+    # product's own path (worker.device.new_session: the one every worker session and
+    # diagnose's GPU probe take), so this proves what the worker will see.
     probe = (
-        "import onnxruntime as o, onnx; from onnx import helper as h, TensorProto as T; o.preload_dlls(); "
+        "from onnx import helper as h, TensorProto as T; from worker import device; "
         "g = h.make_graph([h.make_node('Relu', ['x'], ['y'])], 'g', [h.make_tensor_value_info('x', T.FLOAT, [1])], "
         "[h.make_tensor_value_info('y', T.FLOAT, [1])]); m = h.make_model(g, opset_imports=[h.make_opsetid('', 17)]); "
-        "m.ir_version = 8; s = o.InferenceSession(m.SerializeToString(), providers=['CUDAExecutionProvider', 'CPUExecutionProvider']); "
+        "m.ir_version = 8; s = device.new_session(m.SerializeToString(), [device.CUDA, device.CPU]); "
         "print(s.get_providers())"
     )
     proc = subprocess.run(

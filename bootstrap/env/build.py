@@ -24,9 +24,9 @@ from bootstrap.env.estimate import estimate_install_bytes
 from bootstrap.env.key import (
     READY,
     env_key,
+    env_problem,
     env_python,
     failure_path,
-    home_problem,
     is_ready,
     key_inputs,
     pyvenv_home,
@@ -204,7 +204,7 @@ def build(
                     )
                     if proc.returncode != 0:
                         raise EnvBuildError(f"uv venv failed: {uv_error(proc)}")
-            problem = home_problem(tmp, python)
+            problem = env_problem(tmp, python)
             if problem is not None:
                 raise EnvBuildError(f"the new env's interpreter is not the expected one: {problem}")
             with b.step("sync"):

@@ -135,8 +135,12 @@ def pyvenv_home(env_dir: Path) -> str | None:
 # -- disk estimate ------------------------------------------------------------------------------
 
 
-def home_problem(path: Path, python: interp.Interpreter) -> str | None:
-    """None when ``pyvenv.cfg`` home is the interpreter's directory; else what is wrong."""
+def env_problem(path: Path, python: interp.Interpreter) -> str | None:
+    """None when the env can run: its ``bin/python`` is there and ``pyvenv.cfg`` home is the
+    interpreter's directory; else what is wrong (a READY env with a problem is set aside)."""
+    exe = env_python(path)
+    if not exe.exists():  # follows the link: a dangling bin/python is missing too
+        return f"{exe} is missing: the environment is damaged"
     home = pyvenv_home(path)
     want = str(python.executable.parent)
     if home is None:

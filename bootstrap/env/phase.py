@@ -14,9 +14,9 @@ from bootstrap.childenv import child_environ
 from bootstrap.env.build import EnvResult, build, run_uv, uv_error
 from bootstrap.env.key import (
     env_key,
+    env_problem,
     env_python,
     find_uv,
-    home_problem,
     is_ready,
     key_inputs,
     recent_failure,
@@ -53,7 +53,7 @@ def ensure_env(settings: Settings, volume: Volume, timeline: Timeline, detail: d
 
     def reusable() -> EnvResult | None:
         if is_ready(final):
-            problem = home_problem(final, python)
+            problem = env_problem(final, python)
             if problem is None:
                 return EnvResult(key, final, env_python(final), True, extras)
             timeline.log(f"not reusing {final}: {problem}; moving it aside and rebuilding", level="warn")
@@ -64,7 +64,7 @@ def ensure_env(settings: Settings, volume: Volume, timeline: Timeline, detail: d
             held = volume.envs / str(failure.get("published_key"))
             dropped = {str(k): str(v) for k, v in (failure.get("dropped") or {}).items()}
             still_optional = all(settings.is_optional(c) for c in dropped)  # else: build, and fail
-            if still_optional and is_ready(held) and home_problem(held, python) is None:
+            if still_optional and is_ready(held) and env_problem(held, python) is None:
                 kept = tuple(e for e in extras if e not in dropped)
                 return EnvResult(str(failure["published_key"]), held, env_python(held), True, kept, dropped)
         return None
