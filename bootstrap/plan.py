@@ -20,10 +20,13 @@ from typing import Any
 
 from bootstrap.atomic import write_json_atomic
 from bootstrap.settings import Settings
+from bootstrap.timeline import scrub_data, secret_values
 
 PLAN_VERSION = 1
 #: Settings fields the plan never carries: secrets, and what only describes the environment
-NOT_CARRIED = frozenset({"environ", "sources", "hf_token", "hf_endpoint", "aws_endpoint_url", "bucket"})
+NOT_CARRIED = frozenset(
+    {"environ", "sources", "hf_token", "hf_endpoint", "aws_endpoint_url", "bucket", "mirror"}
+)
 
 
 @dataclass
@@ -57,11 +60,13 @@ class Plan:
 
     def carry(self, settings: Settings) -> None:
         """Record ``settings`` as the boot resolved them, for `worker_settings`."""
-        self.settings = {
+        carried = {
             f.name: _to_json(getattr(settings, f.name))
             for f in dataclasses.fields(settings)
             if f.name not in NOT_CARRIED
         }
+        # the plan lives on a shared volume: no secret's value, no password inside a URL
+        self.settings = scrub_data(carried, secret_values(settings.environ))
 
     def worker_settings(self, environ: Mapping[str, str] | None = None) -> Settings:
         """The worker's settings: the boot's, carried here; ``environ`` (default: the process

@@ -10,6 +10,7 @@ from bootstrap.settings import PLAN, Settings
 from tests.helpers import base_environ
 
 SECRETS = {"HF_TOKEN": "hf_never_in_the_plan_123", "BUCKET_SECRET_ACCESS_KEY": "bucket-secret-never-in-plan"}
+MIRROR_PASSWORD = "mirror-pass-never-in-plan"
 
 
 def test_the_worker_reads_the_boots_settings_from_the_plan(tmp_path: Path) -> None:
@@ -22,6 +23,7 @@ def test_the_worker_reads_the_boots_settings_from_the_plan(tmp_path: Path) -> No
         WORKER_CONCURRENCY="3",
         WORKER_MAX_PIXELS="1234",
         BUCKET_NAME="outputs",
+        BOOTSTRAP_MIRROR=f"https://user:{MIRROR_PASSWORD}@mirror.invalid/w",
         **SECRETS,
     )
     # `bootstrap serve` changes settings in the boot only (the API on, everything optional).
@@ -31,7 +33,7 @@ def test_the_worker_reads_the_boots_settings_from_the_plan(tmp_path: Path) -> No
     path = tmp_path / "state" / "w-plan.json"
     write_plan(path, plan)
     text = path.read_text()
-    assert not [v for v in SECRETS.values() if v in text]  # the plan lives on a shared volume
+    assert not [v for v in (*SECRETS.values(), MIRROR_PASSWORD) if v in text]  # on a shared volume
 
     env = worker_environ(boot, path)
     assert env[PLAN] == str(path)
