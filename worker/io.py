@@ -23,21 +23,25 @@ import concurrent.futures
 import http.client
 import io
 import ipaddress
+import re
 import socket
 import ssl
 import struct
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urljoin, urlsplit
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from worker.errors import JobError, WorkerFault
+
+if TYPE_CHECKING:
+    from bootstrap.settings import Settings
 
 #: Raster formats a job may send. EPS/PS (Ghostscript), PDF and exotic plugins are refused.
 _WANTED_FORMATS = ("PNG", "JPEG", "MPO", "WEBP", "GIF", "BMP", "TIFF")
@@ -52,7 +56,8 @@ Image.init()  # register every plugin now; `formats=` then restricts what may be
 IMAGE_FORMATS = tuple(f for f in _WANTED_FORMATS if f in Image.OPEN)
 MAX_REDIRECTS = 5
 FETCH_TIMEOUT_S = 30.0
-PRESIGN_EXPIRES_S = 7 * 24 * 3600
+#: presigned URL lifetime unless WORKER_PRESIGN_TTL_S says otherwise (SPEC §3)
+PRESIGN_TTL_S = 24 * 3600
 USER_AGENT = "volume-worker/0.1 (+faceswap)"
 
 Resolver = Callable[[str, int], list[str]]
@@ -376,13 +381,88 @@ def encode_image(bgr: np.ndarray, alpha: np.ndarray | None, output_format: str) 
     return buf.getvalue()
 
 
-# -- S3 output ---------------------------------------------------------------------------------
+# -- output options and S3 ----------------------------------------------------------------------
 
 ENDPOINT = "BUCKET_ENDPOINT_URL"
 ACCESS_KEY = "BUCKET_ACCESS_KEY_ID"
 SECRET_KEY = "BUCKET_SECRET_ACCESS_KEY"  # noqa: S105 - the variable's name, not a secret
 BUCKET = "BUCKET_NAME"
 REGION = "BUCKET_REGION"
+OUTPUTS = ("base64", "s3")
+#: A key prefix segment: plain characters only (no "." or ".." segment, no empty one).
+_PREFIX_SEGMENT = re.compile(r"[A-Za-z0-9._-]{1,255}")
+#: S3's bucket naming rules: 3-63 of a-z 0-9 . -, starting and ending with a letter or digit.
+_BUCKET_NAME = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+
+
+@dataclass(frozen=True)
+class Output:
+    """Where a job's result goes: inline ``base64``, or ``s3`` (the job's bucket and prefix, or None)."""
+
+    kind: str = "base64"
+    bucket: str | None = None
+    prefix: str | None = None
+
+
+def bucket_problem(name: str) -> str | None:
+    """Why ``name`` is not a valid S3 bucket name, or None."""
+    if not _BUCKET_NAME.fullmatch(name):
+        return "3-63 characters of a-z, 0-9, '.' and '-', starting and ending with a letter or digit"
+    if ".." in name or ".-" in name or "-." in name:
+        return "no '..', '.-' or '-.'"
+    if re.fullmatch(r"\d+\.\d+\.\d+\.\d+", name):
+        return "not formatted as an IP address"
+    if name.startswith(("xn--", "sthree-")) or name.endswith(("-s3alias", "--ol-s3")):
+        return "no reserved prefix (xn--, sthree-) or suffix (-s3alias, --ol-s3)"
+    return None
+
+
+def _prefix(value: str) -> str:
+    segments = value.strip("/").split("/")
+    for segment in segments:
+        if segment in (".", "..") or not _PREFIX_SEGMENT.fullmatch(segment):
+            raise JobError(
+                "INVALID_INPUT",
+                f"s3.prefix segment {segment[:80]!r} is not allowed: use '/'-separated segments of "
+                "A-Z, a-z, 0-9, '.', '_' and '-', none of them '.' or '..'",
+            )
+    return "/".join(segments)
+
+
+def parse_output(job: Mapping[str, Any], allowed_buckets: Collection[str]) -> Output:
+    """A job's ``output`` (``base64`` | ``s3``) and ``s3`` (``{"bucket", "prefix"}``), checked.
+
+    Every task with an S3 output calls this while parsing its input, so a bad prefix or bucket is
+    INVALID_INPUT before any fetch or model run. ``allowed_buckets`` is `Uploader.allowed_buckets`:
+    a job may name only those (SPEC §3, ``WORKER_S3_BUCKETS``).
+    """
+    kind = job.get("output", "base64")
+    if not isinstance(kind, str) or kind.strip().lower() not in OUTPUTS:
+        raise JobError("INVALID_INPUT", "output must be 'base64' or 's3'")
+    kind = kind.strip().lower()
+    s3 = job.get("s3")
+    if s3 is None:
+        return Output(kind)
+    if kind != "s3":
+        raise JobError("INVALID_INPUT", "'s3' is only used with output: 's3'")
+    if not isinstance(s3, dict) or set(s3) - {"bucket", "prefix"}:
+        raise JobError("INVALID_INPUT", "s3 must be an object with 'bucket' and/or 'prefix'")
+    for key, value in s3.items():
+        if not isinstance(value, str) or len(value) > 1024 or any(ord(c) < 32 for c in value):
+            raise JobError("INVALID_INPUT", f"s3.{key} must be a string without control characters")
+    bucket = s3.get("bucket", "").strip() or None
+    if bucket is not None:
+        why = bucket_problem(bucket)
+        if why is not None:
+            raise JobError("INVALID_INPUT", f"s3.bucket {bucket[:80]!r} is not a valid bucket name: {why}")
+        if bucket not in allowed_buckets:
+            raise JobError(
+                "INVALID_INPUT",
+                f"s3.bucket {bucket!r} is not a bucket this endpoint lets jobs name "
+                f"(the operator lists them in WORKER_S3_BUCKETS); leave s3.bucket out to use the endpoint's own",
+            )
+    prefix = _prefix(s3["prefix"]) if s3.get("prefix", "").strip("/") else None
+    return Output(kind, bucket, prefix)
 
 
 @dataclass
@@ -390,8 +470,27 @@ class Uploader:
     """Uploads outputs to the job bucket (RunPod's ``BUCKET_*`` settings) and presigns a URL."""
 
     environ: Mapping[str, str]
+    #: buckets a job may name besides BUCKET_NAME (WORKER_S3_BUCKETS)
+    buckets: tuple[str, ...] = ()
+    presign_ttl_s: int = PRESIGN_TTL_S
     _client: Any = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Uploader:
+        return cls(
+            settings.environ, buckets=settings.worker_s3_buckets, presign_ttl_s=settings.worker_presign_ttl_s
+        )
+
+    @property
+    def default_bucket(self) -> str | None:
+        return (self.environ.get(BUCKET) or "").strip() or None
+
+    @property
+    def allowed_buckets(self) -> frozenset[str]:
+        """WORKER_S3_BUCKETS and BUCKET_NAME: what a job's ``s3.bucket`` may name."""
+        default = self.default_bucket
+        return frozenset(self.buckets) | ({default} if default else set())
 
     def _settings(self) -> tuple[str | None, str, str]:
         endpoint = (self.environ.get(ENDPOINT) or "").strip() or None
@@ -429,28 +528,28 @@ class Uploader:
                 )
             return self._client
 
-    def check(self, job_s3: Mapping[str, str] | None) -> str:
+    def check(self, target: Output) -> str:
         """The bucket to use; a WorkerFault naming what is missing (run before any model work)."""
         self._settings()  # credentials first: the message names what is missing
-        bucket = (job_s3 or {}).get("bucket") or (self.environ.get(BUCKET) or "").strip()
+        bucket = target.bucket or self.default_bucket
         if not bucket:
-            raise WorkerFault(
-                f"output 's3' needs a bucket: set {BUCKET} on the endpoint or send input.s3.bucket"
-            )
+            raise WorkerFault(f"output 's3' needs a bucket: set {BUCKET} on the endpoint")
         return bucket
 
-    def upload(self, data: bytes, fmt: str, job_s3: Mapping[str, str] | None) -> dict[str, str]:
-        """Put ``data`` at ``<prefix>/<date>/<uuid>.<ext>``; return url (presigned), bucket, key."""
-        bucket = self.check(job_s3)
-        prefix = ((job_s3 or {}).get("prefix") or "faceswap").strip("/")
-        key = f"{prefix}/{time.strftime('%Y-%m-%d', time.gmtime())}/{uuid.uuid4().hex}.{EXTENSIONS[fmt]}"
+    def upload(
+        self, data: bytes, *, ext: str, content_type: str, target: Output, prefix: str
+    ) -> dict[str, str]:
+        """Put ``data`` at ``<prefix>/<date>/<uuid>.<ext>`` (the job's prefix, else ``prefix``);
+        return url (presigned for ``presign_ttl_s``), bucket, key."""
+        bucket = self.check(target)
+        key = f"{target.prefix or prefix}/{time.strftime('%Y-%m-%d', time.gmtime())}/{uuid.uuid4().hex}.{ext}"
         client = self.client()
         from botocore.exceptions import BotoCoreError, ClientError
 
         try:
-            client.put_object(Bucket=bucket, Key=key, Body=data, ContentType=CONTENT_TYPES[fmt])
+            client.put_object(Bucket=bucket, Key=key, Body=data, ContentType=content_type)
             url = client.generate_presigned_url(
-                "get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=PRESIGN_EXPIRES_S
+                "get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=self.presign_ttl_s
             )
         except (BotoCoreError, ClientError) as err:
             raise WorkerFault(f"uploading the output to bucket {bucket!r} failed: {err}") from None
