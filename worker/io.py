@@ -160,6 +160,175 @@ def _check_url(url: str) -> tuple[str, str, int, str]:
     return scheme, host, port or (443 if scheme == "https" else 80), path
 
 
+class FetchTimeout(TimeoutError):
+    """The fetch's deadline passed (raised by its sockets before a call that could not finish)."""
+
+
+class HeadTooLarge(http.client.HTTPException):
+    """The response's status line and headers exceed `MAX_HEAD_BYTES`."""
+
+
+#: The most bytes a response's status line and headers may hold (http.client alone would take
+#: 100 header lines of 64 KiB each).
+MAX_HEAD_BYTES = 64 * 1024
+
+
+class _Deadline:
+    """One fetch's deadline, shared by every socket call it makes, and its head-size budget."""
+
+    def __init__(self, at: float) -> None:
+        self.at = at
+        self.in_head = False
+        self.head_bytes = 0
+
+    def remaining(self) -> float:
+        left = self.at - time.monotonic()
+        if left <= 0:
+            raise FetchTimeout("the fetch's deadline passed")
+        return left
+
+    def received(self, n: int) -> None:
+        if self.in_head:
+            self.head_bytes += n
+            # The buffered reader may have read up to one buffer of the body with the head.
+            if self.head_bytes > MAX_HEAD_BYTES + io.DEFAULT_BUFFER_SIZE:
+                raise HeadTooLarge(f"the response's headers exceed {MAX_HEAD_BYTES // 1024} KiB")
+
+
+class _DeadlineSocket(socket.socket):
+    """A TCP socket whose every call waits at most the time left until the fetch's deadline, so
+    a server trickling its headers or chunk-size lines byte by byte cannot hold a job."""
+
+    deadline: _Deadline
+
+    def _arm(self) -> None:
+        self.settimeout(self.deadline.remaining())
+
+    def connect(self, address: Any) -> None:
+        self._arm()
+        super().connect(address)
+
+    def recv(self, bufsize: int, flags: int = 0) -> bytes:
+        self._arm()
+        data = super().recv(bufsize, flags)
+        self.deadline.received(len(data))
+        return data
+
+    def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
+        self._arm()
+        n = super().recv_into(buffer, nbytes, flags)
+        self.deadline.received(n)
+        return n
+
+    def send(self, data: Any, flags: int = 0) -> int:
+        self._arm()
+        return super().send(data, flags)
+
+    def sendall(self, data: Any, flags: int = 0) -> None:
+        self._arm()
+        super().sendall(data, flags)
+
+
+class _DeadlineSSLSocket(ssl.SSLSocket):
+    """The same for TLS: the handshake and every record read or written get the time left."""
+
+    deadline: _Deadline
+
+    def _arm(self) -> None:
+        self.settimeout(self.deadline.remaining())
+
+    def do_handshake(self, block: bool = False) -> None:
+        self._arm()
+        super().do_handshake(block)
+
+    def recv(self, buflen: int = 1024, flags: int = 0) -> bytes:
+        self._arm()
+        data = super().recv(buflen, flags)
+        self.deadline.received(len(data))
+        return data
+
+    def recv_into(self, buffer: Any, nbytes: int | None = None, flags: int = 0) -> int:
+        self._arm()
+        n = super().recv_into(buffer, nbytes, flags)
+        self.deadline.received(n)
+        return n
+
+    def send(self, data: Any, flags: int = 0) -> int:
+        self._arm()
+        return super().send(data, flags)
+
+    def sendall(self, data: Any, flags: int = 0) -> None:
+        self._arm()
+        super().sendall(data, flags)
+
+
+def _open_socket(addr: str, port: int, deadline: _Deadline) -> _DeadlineSocket:
+    """A TCP connection to the address that was checked, not to whatever a second DNS lookup returns."""
+    family = socket.AF_INET6 if ":" in addr else socket.AF_INET
+    sock = _DeadlineSocket(family, socket.SOCK_STREAM)
+    sock.deadline = deadline
+    try:
+        sock.connect((addr, port))
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+class _Response(http.client.HTTPResponse):
+    """A response whose head (status line, headers) is bounded by `MAX_HEAD_BYTES`."""
+
+    def __init__(self, sock: Any, *args: Any, **kwargs: Any) -> None:
+        super().__init__(sock, *args, **kwargs)
+        self._deadline: _Deadline = sock.deadline
+
+    def begin(self) -> None:
+        self._deadline.in_head, self._deadline.head_bytes = True, 0
+        try:
+            super().begin()
+        finally:
+            self._deadline.in_head = False
+
+
+class _Connection(http.client.HTTPConnection):
+    response_class = _Response
+
+    def __init__(self, host: str, port: int, addr: str, deadline: _Deadline) -> None:
+        super().__init__(host, port, timeout=deadline.remaining())
+        self._addr, self._deadline = addr, deadline
+
+    def connect(self) -> None:
+        self.sock = _open_socket(self._addr, self.port, self._deadline)
+
+
+class _TLSConnection(http.client.HTTPSConnection):
+    response_class = _Response
+
+    def __init__(self, host: str, port: int, addr: str, deadline: _Deadline) -> None:
+        context = ssl.create_default_context()  # the certificate is checked against the URL's host
+        context.sslsocket_class = _DeadlineSSLSocket
+        super().__init__(host, port, timeout=deadline.remaining(), context=context)
+        self._addr, self._deadline = addr, deadline
+
+    def connect(self) -> None:
+        raw = _open_socket(self._addr, self.port, self._deadline)
+        try:
+            tls = self._context.wrap_socket(  # type: ignore[attr-defined]
+                raw, server_hostname=self.host, do_handshake_on_connect=False
+            )
+        except BaseException:
+            raw.close()
+            raise
+        tls.deadline = self._deadline
+        try:
+            tls.do_handshake()
+        except BaseException:
+            tls.close()
+            raise
+        self.sock = tls
+
+
 def fetch_url(url: str, policy: FetchPolicy) -> bytes:
     """GET ``url`` within the policy's limits; redirects followed by hand, each hop checked.
 
@@ -169,62 +338,60 @@ def fetch_url(url: str, policy: FetchPolicy) -> bytes:
     2. connect to the first checked address itself (TLS still verifies the host name);
     3. on a redirect, go back to 1 with the new location (at most ``max_redirects`` times);
     4. refuse a ``Content-Length`` over the limit, then read in chunks, stopping at limit + 1
-       byte or at the deadline.
+       byte.
+
+    The deadline (``timeout_s`` for the whole fetch, redirects included) is enforced on the
+    sockets themselves: the connect, the TLS handshake and every read and write wait at most the
+    time left, so headers or chunk-size lines trickled a byte at a time end at the deadline; the
+    response head is bounded by `MAX_HEAD_BYTES`.
     """
-    deadline = time.monotonic() + policy.timeout_s
+    deadline = _Deadline(time.monotonic() + policy.timeout_s)
     current = url
     for _hop in range(policy.max_redirects + 1):
         scheme, host, port, path = _check_url(current)
-        addrs = _checked_addresses(host, port, policy, current, deadline)
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise JobError("FETCH_FAILED", f"fetching {_shown(url)} took longer than {policy.timeout_s:g} s")
-        conn = _connection(scheme, host, port, addrs[0], min(remaining, policy.timeout_s))
+        addrs = _checked_addresses(host, port, policy, current, deadline.at)
+        conn: http.client.HTTPConnection | None = None
         resp: http.client.HTTPResponse | None = None
         try:
             try:
+                conn = (_TLSConnection if scheme == "https" else _Connection)(host, port, addrs[0], deadline)
                 conn.request(
                     "GET",
                     path,
                     headers={"User-Agent": USER_AGENT, "Accept": "image/*", "Accept-Encoding": "identity"},
                 )
                 resp = conn.getresponse()
-            except (OSError, http.client.HTTPException, ssl.SSLError) as err:
+                if resp.status in (301, 302, 303, 307, 308):
+                    location = resp.getheader("Location")
+                    if not location:
+                        raise JobError("FETCH_FAILED", f"{_shown(current)} redirected without a Location")
+                    current = urljoin(current, location.strip())
+                    continue
+                if resp.status != 200:
+                    raise JobError(
+                        "FETCH_FAILED", f"{_shown(current)} answered HTTP {resp.status} {resp.reason}"
+                    )
+                return _read_limited(resp, policy, current)
+            except TimeoutError:
+                raise JobError(
+                    "FETCH_FAILED", f"fetching {_shown(url)} took longer than {policy.timeout_s:g} s"
+                ) from None
+            except HeadTooLarge as err:
+                raise JobError("FETCH_FAILED", f"{_shown(current)}: {err}") from None
+            except (OSError, http.client.HTTPException) as err:
                 raise JobError(
                     "FETCH_FAILED", f"fetching {_shown(current)} failed: {type(err).__name__}: {err}"
                 ) from None
-            if resp.status in (301, 302, 303, 307, 308):
-                location = resp.getheader("Location")
-                if not location:
-                    raise JobError("FETCH_FAILED", f"{_shown(current)} redirected without a Location")
-                current = urljoin(current, location.strip())
-                continue
-            if resp.status != 200:
-                raise JobError("FETCH_FAILED", f"{_shown(current)} answered HTTP {resp.status} {resp.reason}")
-            return _read_limited(resp, policy, deadline, current)
         finally:
             if resp is not None:
                 resp.close()
-            conn.close()
+            if conn is not None:
+                conn.close()
     raise JobError("FETCH_FAILED", f"{_shown(url)} redirected more than {policy.max_redirects} times")
 
 
-def _connection(scheme: str, host: str, port: int, addr: str, timeout: float) -> http.client.HTTPConnection:
-    conn: http.client.HTTPConnection
-    if scheme == "https":
-        conn = http.client.HTTPSConnection(host, port, timeout=timeout, context=ssl.create_default_context())
-    else:
-        conn = http.client.HTTPConnection(host, port, timeout=timeout)
-
-    # Connect to the address that was checked, not to whatever a second DNS lookup returns.
-    def pinned(_address: tuple[str, int], timeout: float | None = None, source: Any = None) -> socket.socket:
-        return socket.create_connection((addr, port), timeout, source)
-
-    conn._create_connection = pinned  # type: ignore[attr-defined]
-    return conn
-
-
-def _read_limited(resp: http.client.HTTPResponse, policy: FetchPolicy, deadline: float, url: str) -> bytes:
+def _read_limited(resp: http.client.HTTPResponse, policy: FetchPolicy, url: str) -> bytes:
+    """The body, at most ``max_bytes`` (the socket's deadline ends a slow one)."""
     length = resp.getheader("Content-Length")
     if length is not None and length.strip().isdigit() and int(length) > policy.max_bytes:
         raise JobError(
@@ -234,14 +401,7 @@ def _read_limited(resp: http.client.HTTPResponse, policy: FetchPolicy, deadline:
     chunks: list[bytes] = []
     total = 0
     while True:
-        if time.monotonic() > deadline:
-            raise JobError("FETCH_FAILED", f"fetching {_shown(url)} took longer than {policy.timeout_s:g} s")
-        try:
-            chunk = resp.read1(min(65536, policy.max_bytes + 1 - total))
-        except (OSError, http.client.HTTPException) as err:
-            raise JobError(
-                "FETCH_FAILED", f"reading {_shown(url)} failed: {type(err).__name__}: {err}"
-            ) from None
+        chunk = resp.read1(min(65536, policy.max_bytes + 1 - total))
         if not chunk:
             break
         chunks.append(chunk)
@@ -294,6 +454,27 @@ class Decoded:
     scaled_from: tuple[int, int] | None = None
 
 
+def _to_8bit(arr: np.ndarray) -> np.ndarray:
+    """16-bit, 32-bit integer or float grey as 8-bit, scaled so the brightest pixel maps to at
+    most 255 — in integers (or float32 for float input), in place where possible: a 40-megapixel
+    picture never holds a float64 copy (8 bytes a pixel, twice over)."""
+    if arr.dtype.kind == "f":
+        grey = arr.astype(np.float32, copy=True)
+        np.nan_to_num(grey, copy=False)
+        np.clip(grey, 0, 255, out=grey)
+        return grey.astype(np.uint8)
+    work = arr.astype(np.uint32, copy=True) if arr.dtype.kind == "u" else np.maximum(arr, 0).astype(np.uint32)
+    top = int(work.max()) if work.size else 0
+    if top > 0xFFFF:  # 32-bit input: to 16 bits first, so ×255 stays within uint32
+        shift = top.bit_length() - 16
+        work >>= shift
+        top >>= shift
+    if top > 255:
+        work *= 255
+        work //= top
+    return work.astype(np.uint8)
+
+
 def decode_image(data: bytes, *, max_pixels: int, max_side: int | None, what: str) -> Decoded:
     """Decode with the pixel limit checked from the header, EXIF orientation applied.
 
@@ -331,13 +512,8 @@ def decode_image(data: bytes, *, max_pixels: int, max_side: int | None, what: st
                 "NOT_AN_IMAGE", f"{what} could not be decoded: {type(err).__name__}: {err}"
             ) from None
         alpha: np.ndarray | None = None
-        if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-            arr32 = np.asarray(img, dtype=np.float64)
-            top = float(arr32.max()) or 1.0
-            img = Image.fromarray((arr32 * (255.0 / max(top, 255.0))).astype(np.uint8), "L")
-        elif img.mode == "F":
-            arrf = np.nan_to_num(np.asarray(img, dtype=np.float64))
-            img = Image.fromarray(np.clip(arrf, 0, 255).astype(np.uint8), "L")
+        if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+            img = Image.fromarray(_to_8bit(np.asarray(img)), "L")
         if img.mode == "P":
             img = img.convert("RGBA" if "transparency" in img.info else "RGB")
         if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
