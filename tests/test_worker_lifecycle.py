@@ -272,3 +272,67 @@ def test_runtime_errors_are_classified_once_by_the_handler(
     assert out["error"].startswith(message), out
     assert out.get("refresh_worker", False) is refresh
     assert message in stream.getvalue()  # and logged
+
+
+# -- F10: the first job close to steady state ----------------------------------------------------
+
+
+def test_warm_up_runs_every_session_and_the_first_job_loads_nothing(
+    models: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Counted on onnxruntime itself: sessions created and runs per session, and every file
+    of a model opened (an audit hook), during warm-up and during the first job."""
+    import sys
+
+    import onnxruntime
+
+    created: list[str] = []
+    runs: dict[int, int] = {}
+    opened: list[str] = []
+    recording = {"on": False}
+    real_init, real_run = onnxruntime.InferenceSession.__init__, onnxruntime.InferenceSession.run
+
+    def counting_init(self: Any, path: Any, *args: Any, **kwargs: Any) -> None:
+        created.append(str(path) if isinstance(path, (str, Path)) else f"<{len(path)} bytes>")
+        real_init(self, path, *args, **kwargs)
+
+    def counting_run(self: Any, *args: Any, **kwargs: Any) -> Any:
+        runs[id(self)] = runs.get(id(self), 0) + 1
+        return real_run(self, *args, **kwargs)
+
+    def audit(event: str, args: tuple[Any, ...]) -> None:
+        if recording["on"] and event == "open" and str(args[0]).endswith(".onnx"):
+            opened.append(str(args[0]))
+
+    monkeypatch.setattr(onnxruntime.InferenceSession, "__init__", counting_init)
+    monkeypatch.setattr(onnxruntime.InferenceSession, "run", counting_run)
+    sys.addaudithook(audit)  # cannot be removed: it records only while `recording` is on
+
+    worker, _ = _worker(models)
+    recording["on"] = True
+    assert boot(worker, Settings.from_env({})) is None
+    recording["on"] = False
+    pipe = worker.pipelines["faceswap"]
+    sessions = pipe._sessions()  # type: ignore[attr-defined]
+    # The warm phase loaded the three models and ran each of them (the warm-up).
+    named = sorted(Path(c).name for c in created if not c.startswith("<"))
+    assert named == ["det_10g.onnx", "inswapper_128.onnx", "w600k_r50.onnx"], created
+    assert len(created) == 4, created  # and the detector's fixed-size session, built at warm-up
+    warm_ran = set(runs)
+    assert len(warm_ran) == 3, runs  # detection (at the job's fixed size), recognition, swapping
+    assert {id(s) for s in sessions[1:]} <= warm_ran
+    assert opened, "the audit hook saw the models being read at warm-up"
+
+    created.clear()
+    opened.clear()
+    before = dict(runs)
+    recording["on"] = True
+    try:
+        out = _ask(worker, _job())
+    finally:
+        recording["on"] = False
+    assert out["success"] is True
+    # The first job created no session and opened no model file; it ran exactly the sessions
+    # the warm-up had already run.
+    assert created == [] and opened == []
+    assert {k for k, n in runs.items() if n > before.get(k, 0)} == warm_ran
