@@ -1,8 +1,12 @@
 """The SDK entry: one async handler that routes a job by ``input.task`` (SPEC §10).
 
 Models are loaded before the first job (see `worker.main`); a job only runs a loaded pipeline,
-off the event loop, bounded by ``WORKER_CONCURRENCY``. The worker never dies on a bad job:
-every answer is a structured output or a RunPod error.
+off the event loop, bounded by ``WORKER_CONCURRENCY``. The answer depends on the lifecycle
+state (`worker.lifecycle`): not ready yet (starting, warm) is a RunPod error saying so, failed
+is the boot error, ready runs the job; ``health`` is answered in every state. The worker never
+dies on a bad job: every answer is a structured output or a RunPod error, and out-of-memory or
+CUDA errors (classified in one place, `worker.device.classify_runtime_error`) ask RunPod to
+replace the worker.
 """
 
 from __future__ import annotations

@@ -8,12 +8,19 @@ operator's (bucket credentials) is a `WorkerFault`. Nothing here trusts the inpu
   address —, CGNAT, multicast, reserved, IPv4-mapped forms of them); the connection goes to
   the address that was checked (no second lookup an attacker's DNS could answer differently);
   redirects are followed by hand and each hop is checked again (FAILURES F19).
-- Limits: a deadline for the whole fetch, the byte limit (``WORKER_MAX_INPUT_MB``) checked on
+- Limits: a deadline for the whole fetch, held on the sockets themselves (connect, TLS
+  handshake, every read and write get the time left; the response head is at most 64 KiB), the
+  byte limit (``WORKER_MAX_INPUT_MB``) checked on
   ``Content-Length`` and again while reading, on base64 before decoding it, and the pixel limit
   (``WORKER_MAX_PIXELS``) read from the image header before any pixel is decoded.
 - Decoding: a short list of raster formats (never EPS, which would run Ghostscript), EXIF
   orientation applied, grayscale/palette/CMYK/16-bit converted, alpha kept aside.
-- Upload: only the ``BUCKET_*`` settings, never a silent local fallback (FAILURES F20).
+- Output options (`parse_output`, shared by every task): ``output`` base64|s3 and ``s3``
+  ``{bucket, prefix}``; the prefix is plain ``[A-Za-z0-9._-]`` segments (no ``.``/``..``), the
+  bucket a valid S3 name that ``BUCKET_NAME`` or ``WORKER_S3_BUCKETS`` allows — checked while
+  parsing, before any fetch or model run.
+- Upload: only the ``BUCKET_*`` settings, never a silent local fallback (FAILURES F20); URLs
+  presigned for ``WORKER_PRESIGN_TTL_S``.
 """
 
 from __future__ import annotations
