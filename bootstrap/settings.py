@@ -55,6 +55,11 @@ BUCKET_ACCESS_KEY_ID = "BUCKET_ACCESS_KEY_ID"
 BUCKET_SECRET_ACCESS_KEY = "BUCKET_SECRET_ACCESS_KEY"  # noqa: S105 - the variable's name, not a secret
 BUCKET_NAME = "BUCKET_NAME"
 BUCKET_REGION = "BUCKET_REGION"
+WORKER_MAX_FACES = "WORKER_MAX_FACES"
+WORKER_S3_BUCKETS = "WORKER_S3_BUCKETS"
+WORKER_PRESIGN_TTL_S = "WORKER_PRESIGN_TTL_S"
+#: SigV4 presigned URLs live at most 7 days.
+PRESIGN_TTL_MAX_S = 7 * 24 * 3600
 
 PHASES_WITH_BUDGET = ("preflight", "env", "weights", "warm")
 DEFAULT_BUDGETS: Mapping[str, float] = {"preflight": 60, "env": 1800, "weights": 1800, "warm": 600}
@@ -65,7 +70,8 @@ KNOWN = (
     VOLUME, REQUIRE_VOLUME, EXTRAS, OPTIONAL, MANIFEST, MIRROR, MIN_FREE_GB, LOCK_TIMEOUT_S,
     LEASE_TTL_S, PHASE_BUDGET_S, ON_FATAL, FATAL_GRACE_S, LOG_FORMAT, PYTHON, WORKER_ID,
     SERVE_API, REQUIRE_GPU, LOCKS, DEBUG, APP_DIR, PROJECT_DIR, WORKER_CONCURRENCY,
-    WORKER_MAX_INPUT_MB, WORKER_MAX_PIXELS, WORKER_ALLOW_PRIVATE_URLS,
+    WORKER_MAX_INPUT_MB, WORKER_MAX_PIXELS, WORKER_ALLOW_PRIVATE_URLS, WORKER_MAX_FACES,
+    WORKER_S3_BUCKETS, WORKER_PRESIGN_TTL_S,
 )  # fmt: skip
 
 _SECRET_WORDS = re.compile(r"TOKEN|SECRET|KEY|PASSWORD|PASSWD|CREDENTIAL", re.IGNORECASE)
@@ -147,6 +153,26 @@ def _names(environ: Mapping[str, str], name: str, default: str) -> tuple[str, ..
         if part not in out:
             out.append(part)
     return tuple(out)
+
+
+def _buckets(environ: Mapping[str, str]) -> tuple[str, ...]:
+    """``WORKER_S3_BUCKETS``: a comma list of bucket names (checked as such at a job's parsing)."""
+    out: list[str] = []
+    for part in environ.get(WORKER_S3_BUCKETS, "").split(","):
+        part = part.strip()
+        if part and part not in out:
+            out.append(part)
+    return tuple(out)
+
+
+def _presign_ttl(environ: Mapping[str, str]) -> int:
+    seconds = _number(environ, WORKER_PRESIGN_TTL_S, 86400, minimum=1)
+    if seconds > PRESIGN_TTL_MAX_S or seconds == float("inf"):
+        raise ConfigError(
+            f"{WORKER_PRESIGN_TTL_S}={environ.get(WORKER_PRESIGN_TTL_S)!r} is longer than S3 allows",
+            hint=f"set {WORKER_PRESIGN_TTL_S} to at most {PRESIGN_TTL_MAX_S} (7 days); the default is 86400",
+        )
+    return int(seconds)
 
 
 def parse_budgets(raw: str | None) -> dict[str, float]:
@@ -243,6 +269,11 @@ class Settings:
     worker_max_input_bytes: int
     worker_max_pixels: int
     worker_allow_private_urls: bool
+    #: most faces one picture swaps when target_index is 0 (the largest first)
+    worker_max_faces: int
+    #: buckets a job's s3.bucket may name besides BUCKET_NAME (empty: BUCKET_NAME only)
+    worker_s3_buckets: tuple[str, ...]
+    worker_presign_ttl_s: int
     on_runpod: bool
     #: the hub's token for hf:// weights (never logged, never handed to the worker)
     hf_token: str | None = field(default=None, repr=False)
@@ -306,6 +337,9 @@ class Settings:
             "worker_max_input_bytes": int(_number(env, WORKER_MAX_INPUT_MB, 25, minimum=0) * 1024 * 1024),
             "worker_max_pixels": int(_number(env, WORKER_MAX_PIXELS, 40_000_000, minimum=1)),
             "worker_allow_private_urls": _bool(env, WORKER_ALLOW_PRIVATE_URLS, False),
+            "worker_max_faces": int(_number(env, WORKER_MAX_FACES, 20, minimum=1)),
+            "worker_s3_buckets": _buckets(env),
+            "worker_presign_ttl_s": _presign_ttl(env),
             "on_runpod": on_runpod,
             "hf_token": _text(env, HF_TOKEN),
             "hf_endpoint": _text(env, HF_ENDPOINT) or HF_DEFAULT_ENDPOINT,

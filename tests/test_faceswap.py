@@ -20,7 +20,7 @@ import pytest
 from PIL import Image
 
 from bootstrap.errors import GpuError
-from bootstrap.plan import Plan
+from bootstrap.plan import Capability, Plan
 from bootstrap.settings import Settings
 from bootstrap.timeline import Timeline
 from tests.fixture_models import (
@@ -36,7 +36,7 @@ from worker import device
 from worker import io as wio
 from worker.errors import JOB_CODES
 from worker.handler import Worker
-from worker.lifecycle import Lifecycle
+from worker.lifecycle import Lifecycle, State
 from worker.pipelines import faceswap
 from worker.pipelines.base import LoadContext
 
@@ -589,7 +589,9 @@ def _worker(pipeline: Any) -> Worker:
     plan = Plan(worker_id="t", volume="/nonexistent", app_dir=".")
     w = Worker(plan=plan, timeline=Timeline("t", stream=io.StringIO()), lifecycle=Lifecycle())
     w.pipelines["faceswap"] = pipeline
-    w.capabilities["faceswap"] = {"status": "ok", "reason": None}
+    w.capabilities["faceswap"] = Capability()
+    w.lifecycle.to(State.WARM)
+    w.lifecycle.to(State.READY)
     return w
 
 
@@ -760,7 +762,6 @@ def test_pictures_too_thin_for_the_detector_have_no_face(pipe: faceswap.FaceSwap
 
 
 def _warm(models: dict[str, str], **env: str) -> Worker:
-    from bootstrap.plan import Capability
     from worker.main import warm_up
 
     settings = Settings.from_env(env)
@@ -774,7 +775,7 @@ def _warm(models: dict[str, str], **env: str) -> Worker:
 
 def test_warm_phase_loads_the_pipeline_and_names_its_device(models: dict[str, str]) -> None:
     worker = _warm(models)
-    assert worker.capabilities["faceswap"] == {"status": "ok", "reason": None}
+    assert worker.capability_table()["faceswap"] == {"status": "ok", "reason": None}
     assert worker.pipelines["faceswap"].device()["providers"] == ["CPUExecutionProvider"]
 
 

@@ -18,14 +18,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bootstrap.plan import Plan
+from bootstrap.plan import Capability, Plan
 from bootstrap.settings import Settings
 from bootstrap.timeline import Timeline
 from tests.fixture_models import ImageServer, b64, encode, picture, write_models_dir
 from worker import io as wio
 from worker.errors import JOB_CODES
 from worker.handler import Worker
-from worker.lifecycle import Lifecycle
+from worker.lifecycle import Lifecycle, State
 from worker.pipelines import faceswap
 from worker.pipelines.base import LoadContext
 
@@ -72,7 +72,9 @@ def worker(tmp_path_factory: pytest.TempPathFactory, server: ImageServer) -> Wor
         lifecycle=Lifecycle(),
     )
     w.pipelines["faceswap"] = pipe
-    w.capabilities["faceswap"] = {"status": "ok", "reason": None}
+    w.capabilities["faceswap"] = Capability()
+    w.lifecycle.to(State.WARM)
+    w.lifecycle.to(State.READY)
     return w
 
 

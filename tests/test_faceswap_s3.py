@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import copy
+import dataclasses
 import io
 import shutil
 import socket
@@ -17,13 +19,14 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from bootstrap.plan import Plan
+from bootstrap.plan import Capability, Plan
 from bootstrap.settings import Settings
 from bootstrap.timeline import Timeline
 from tests.fixture_models import b64, encode, picture, write_models_dir
 from tests.helpers import free_port
+from worker import io as wio
 from worker.handler import Worker
-from worker.lifecycle import Lifecycle
+from worker.lifecycle import Lifecycle, State
 from worker.pipelines import faceswap
 from worker.pipelines.base import LoadContext
 
@@ -61,16 +64,32 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     return write_models_dir(tmp_path_factory.mktemp("models"))
 
 
+_LOADED: dict[str, faceswap.FaceSwap] = {}
+
+
 def _worker(models: dict[str, str], environ: dict[str, str]) -> Worker:
+    """A ready worker whose pipeline has ``environ``'s settings (the models are loaded once)."""
     settings = Settings.from_env(environ)
-    pipe = faceswap.load(LoadContext(settings=settings, models=models))
+    key = repr(sorted(models.items()))
+    if key not in _LOADED:
+        _LOADED[key] = faceswap.load(LoadContext(settings=settings, models=models))
+    pipe = copy.copy(_LOADED[key])
+    pipe.settings = settings
+    pipe.policy = dataclasses.replace(
+        pipe.policy,
+        max_bytes=settings.worker_max_input_bytes,
+        allow_private=settings.worker_allow_private_urls,
+    )
+    pipe.uploader = wio.Uploader.from_settings(settings)
     w = Worker(
         plan=Plan(worker_id="t", volume="/x", app_dir="."),
         timeline=Timeline("t", stream=io.StringIO()),
         lifecycle=Lifecycle(),
     )
     w.pipelines["faceswap"] = pipe
-    w.capabilities["faceswap"] = {"status": "ok", "reason": None}
+    w.capabilities["faceswap"] = Capability()
+    w.lifecycle.to(State.WARM)
+    w.lifecycle.to(State.READY)
     return w
 
 
@@ -85,12 +104,13 @@ def _job(**extra: Any) -> dict[str, Any]:
     }
 
 
-def _bucket_env(endpoint: str, bucket: str = "outputs") -> dict[str, str]:
+def _bucket_env(endpoint: str, bucket: str = "outputs", **extra: str) -> dict[str, str]:
     return {
         "BUCKET_ENDPOINT_URL": endpoint,
         "BUCKET_ACCESS_KEY_ID": ACCESS,
         "BUCKET_SECRET_ACCESS_KEY": SECRET,
         "BUCKET_NAME": bucket,
+        **extra,
     }
 
 
@@ -111,7 +131,7 @@ def _make_buckets(endpoint: str, *names: str) -> Any:
 
 def test_output_uploaded_with_a_presigned_url(moto: str, models: dict[str, str]) -> None:
     s3 = _make_buckets(moto, "outputs", "per-job")
-    worker = _worker(models, _bucket_env(moto))
+    worker = _worker(models, _bucket_env(moto, WORKER_S3_BUCKETS="per-job"))
     out = asyncio.run(worker.handle(_job(output_format="jpeg")))
     assert set(out) == {"success", "url", "bucket", "key", "faces", "swapped", "ms"}, out
     assert out["success"] is True and out["bucket"] == "outputs"
@@ -162,6 +182,118 @@ def test_missing_bucket_and_unreachable_bucket(moto: str, models: dict[str, str]
     worker = _worker(models, env)
     out = asyncio.run(worker.handle(_job()))
     assert set(out) == {"error"} and "BUCKET_NAME" in out["error"]
+    # A job may name only a listed bucket; a listed one that does not exist fails at upload.
+    out = asyncio.run(worker.handle(_job(s3={"bucket": "no-such-bucket"})))
+    assert out["success"] is False and out["code"] == "INVALID_INPUT", out
+    worker = _worker(models, {**env, "WORKER_S3_BUCKETS": "no-such-bucket"})
     out = asyncio.run(worker.handle(_job(s3={"bucket": "no-such-bucket"})))
     assert set(out) == {"error"} and "no-such-bucket" in out["error"]
     assert SECRET not in out["error"]
+
+
+def _expires(url: str) -> int:
+    from urllib.parse import parse_qs, urlsplit
+
+    return int(parse_qs(urlsplit(url).query)["X-Amz-Expires"][0])
+
+
+def test_presigned_urls_live_a_day_unless_set(moto: str, models: dict[str, str]) -> None:
+    _make_buckets(moto, "ttl-default")
+    out = asyncio.run(_worker(models, _bucket_env(moto, "ttl-default")).handle(_job()))
+    assert out["success"] is True and _expires(out["url"]) == 86400
+    out = asyncio.run(
+        _worker(models, _bucket_env(moto, "ttl-default", WORKER_PRESIGN_TTL_S="600")).handle(_job())
+    )
+    assert _expires(out["url"]) == 600
+    with urllib.request.urlopen(out["url"], timeout=30) as resp:  # loopback moto
+        assert resp.status == 200
+
+
+@pytest.mark.parametrize(
+    "prefix",
+    [
+        "../../xyz",
+        "a/../b",
+        "./x",
+        "a/./b",
+        "a//b",
+        "tenant 7",
+        "tenant\\7",
+        "ünï",
+        "a/" + "x" * 300,
+        "%2e%2e",
+    ],
+)
+def test_s3_prefix_of_plain_segments_only(moto: str, models: dict[str, str], prefix: str) -> None:
+    s3 = _make_buckets(moto, "prefixes")
+    worker = _worker(models, _bucket_env(moto, "prefixes"))
+    out = asyncio.run(worker.handle(_job(s3={"prefix": prefix})))
+    assert out["success"] is False and out["code"] == "INVALID_INPUT", out
+    assert "s3.prefix" in out["message"]
+    assert s3.list_objects_v2(Bucket="prefixes").get("KeyCount", 0) == 0
+
+
+def test_s3_prefix_and_listed_bucket_are_used(moto: str, models: dict[str, str]) -> None:
+    s3 = _make_buckets(moto, "main-out", "tenant-a")
+    worker = _worker(models, _bucket_env(moto, "main-out", WORKER_S3_BUCKETS="tenant-a, other"))
+    out = asyncio.run(worker.handle(_job(s3={"bucket": "tenant-a", "prefix": "/a.b/c_d-e/"})))
+    assert out["bucket"] == "tenant-a" and out["key"].startswith("a.b/c_d-e/"), out
+    assert s3.head_object(Bucket="tenant-a", Key=out["key"])["ContentLength"] > 0
+    # BUCKET_NAME itself may always be named.
+    out = asyncio.run(worker.handle(_job(s3={"bucket": "main-out"})))
+    assert out["bucket"] == "main-out" and out["key"].startswith("faceswap/")
+
+
+@pytest.mark.parametrize(
+    "bucket",
+    [
+        "Outputs",
+        "ab",
+        "a" * 64,
+        "-outputs",
+        "out..puts",
+        "192.168.0.1",
+        "xn--outputs",
+        "out_puts",
+        "out/puts",
+    ],
+)
+def test_bad_bucket_names_are_invalid_input_before_any_fetch(
+    moto: str, models: dict[str, str], bucket: str
+) -> None:
+    from tests.fixture_models import ImageServer
+
+    images = ImageServer()
+    try:
+        src = images.add("/src.png", encode(picture(200, 200, [(60, 60, 100)])))
+        # Listed by the operator, still not a bucket name: refused at parsing, not at upload.
+        worker = _worker(models, _bucket_env(moto, WORKER_S3_BUCKETS=bucket, WORKER_ALLOW_PRIVATE_URLS="1"))
+        job = _job(s3={"bucket": bucket})
+        del job["input"]["source_image"]
+        job["input"]["source_url"] = src
+        out = asyncio.run(worker.handle(job))
+    finally:
+        images.close()
+    assert out["success"] is False and out["code"] == "INVALID_INPUT", out
+    assert "not a valid bucket name" in out["message"]
+    assert images.hits == []
+
+
+def test_an_unlisted_bucket_is_refused_before_any_fetch(moto: str, models: dict[str, str]) -> None:
+    from tests.fixture_models import ImageServer
+
+    s3 = _make_buckets(moto, "endpoint-own", "someone-elses")
+    images = ImageServer()
+    try:
+        src = images.add("/src.png", encode(picture(200, 200, [(60, 60, 100)])))
+        worker = _worker(models, _bucket_env(moto, "endpoint-own", WORKER_ALLOW_PRIVATE_URLS="1"))
+        job = _job(s3={"bucket": "someone-elses"})
+        del job["input"]["source_image"]
+        job["input"]["source_url"] = src
+        out = asyncio.run(worker.handle(job))
+    finally:
+        images.close()
+    assert out["success"] is False and out["code"] == "INVALID_INPUT", out
+    assert "WORKER_S3_BUCKETS" in out["message"]
+    assert images.hits == []
+    assert s3.list_objects_v2(Bucket="someone-elses").get("KeyCount", 0) == 0

@@ -1,8 +1,12 @@
 """The SDK entry: one async handler that routes a job by ``input.task`` (SPEC §10).
 
 Models are loaded before the first job (see `worker.main`); a job only runs a loaded pipeline,
-off the event loop, bounded by ``WORKER_CONCURRENCY``. The worker never dies on a bad job:
-every answer is a structured output or a RunPod error.
+off the event loop, bounded by ``WORKER_CONCURRENCY``. The answer depends on the lifecycle
+state (`worker.lifecycle`): not ready yet (starting, warm) is a RunPod error saying so, failed
+is the boot error, ready runs the job; ``health`` is answered in every state. The worker never
+dies on a bad job: every answer is a structured output or a RunPod error, and out-of-memory or
+CUDA errors (classified in one place, `worker.device.classify_runtime_error`) ask RunPod to
+replace the worker.
 """
 
 from __future__ import annotations
@@ -12,15 +16,16 @@ import importlib.metadata
 import platform
 import time
 import traceback
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from bootstrap.plan import Plan
+from bootstrap.plan import Capability, Plan
 from bootstrap.timeline import Timeline
 from worker.capabilities import CAPABILITIES
+from worker.device import classify_runtime_error
 from worker.errors import JobError, WorkerFault
-from worker.lifecycle import Lifecycle
+from worker.lifecycle import Lifecycle, State
 from worker.pipelines.base import Pipeline
 
 DEFAULT_TASK = "faceswap"
@@ -33,6 +38,23 @@ VERSION_PACKAGES = (
     "numpy",
     "torch",
 )
+
+
+#: The runpod SDK's own log level; it reads these once, when it is imported.
+SDK_LOG_LEVEL = "RUNPOD_LOG_LEVEL"
+SDK_LOG_LEVEL_OLD = "RUNPOD_DEBUG_LEVEL"
+
+
+def quiet_sdk_logs(environ: MutableMapping[str, str], *, debug: bool) -> None:
+    """Start the SDK at INFO unless ``BOOTSTRAP_DEBUG=1``; a level the user set wins.
+
+    At DEBUG (its default) the SDK logs every job's whole output (``Handler output: …``,
+    ``run_job return: …``): base64 pictures and presigned URLs, bearer links, in RunPod's log
+    view. Call before `runpod` is imported.
+    """
+    if debug or environ.get(SDK_LOG_LEVEL, "").strip() or environ.get(SDK_LOG_LEVEL_OLD, "").strip():
+        return
+    environ[SDK_LOG_LEVEL] = "INFO"
 
 
 def package_versions() -> dict[str, str]:
@@ -55,16 +77,19 @@ class Worker:
     concurrency: int = 1
     #: capability → loaded pipeline
     pipelines: dict[str, Pipeline] = field(default_factory=dict)
-    #: capability → {"status", "reason"} for health
-    capabilities: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: capability → its status, the plan's own type (health shows status and reason)
+    capabilities: dict[str, Capability] = field(default_factory=dict)
     boot_ms: dict[str, float] = field(default_factory=dict)
-    #: a boot error served to every job (BOOTSTRAP_ON_FATAL=serve-error)
-    fatal: dict[str, Any] | None = None
     _sem: asyncio.Semaphore | None = None
 
+    def capability_table(self) -> dict[str, dict[str, Any]]:
+        """``{name: {"status", "reason"}}``, as health and the ``ready`` event show it."""
+        return {name: {"status": c.status, "reason": c.reason} for name, c in self.capabilities.items()}
+
     def health(self) -> dict[str, Any]:
-        caps = {name: dict(info) for name, info in self.capabilities.items()}
-        ok = all(c["status"] == "ok" for c in caps.values()) and self.fatal is None
+        caps = self.capability_table()
+        state = self.lifecycle.state
+        ok = state is State.READY and all(c["status"] == "ok" for c in caps.values())
         device: dict[str, Any] = {"gpu": None, "providers": []}
         for pipe in self.pipelines.values():
             info = pipe.device()
@@ -74,15 +99,16 @@ class Worker:
                     device["providers"].append(p)
         out: dict[str, Any] = {
             "status": "ok" if ok else "degraded",
+            "state": state.value,
             "capabilities": caps,
             "device": device,
             "versions": package_versions(),
             "env_key": self.plan.env_key,
             "boot_ms": dict(self.boot_ms),
         }
-        if self.fatal is not None:
+        if state is State.FAILED and self.lifecycle.error is not None:
             # Not "error": the SDK treats an output's "error" key as the job failing.
-            out["boot_error"] = self.fatal
+            out["boot_error"] = dict(self.lifecycle.error)
         return out
 
     async def handle(self, job: dict[str, Any]) -> dict[str, Any]:
@@ -95,15 +121,8 @@ class Worker:
             out = err.output()
         except WorkerFault as err:
             out = err.output()
-        except MemoryError:
-            out = WorkerFault("out of memory while running the job", refresh=True).output()
-        except Exception as err:  # a bug: answer, log, keep serving
-            self.timeline.log(
-                "job failed with an unexpected error:\n" + traceback.format_exc(), level="error"
-            )
-            text = f"{type(err).__name__}: {err}"
-            refresh = "CUDA" in text or "cuda" in text
-            out = WorkerFault(f"internal error: {text}", refresh=refresh).output()
+        except Exception as err:  # CUDA trouble or a bug: answer, log, keep serving
+            out = self._fault(err).output()
         ms = (time.monotonic() - t0) * 1000
         detail: dict[str, Any] = {
             "task": task if isinstance(task, str) else None,
@@ -116,6 +135,17 @@ class Worker:
         self.timeline.event("job", "end", ms=ms, detail=detail)
         return out
 
+    def _fault(self, err: Exception) -> WorkerFault:
+        """An unexpected exception as a RunPod error: out-of-memory and CUDA errors (one
+        classification, `device.classify_runtime_error`) ask for a new worker; a bug does not."""
+        found = classify_runtime_error(err)
+        if found is not None:
+            message, refresh = found
+            self.timeline.log(f"job failed: {message}", level="error")
+            return WorkerFault(message, refresh=refresh)
+        self.timeline.log("job failed with an unexpected error:\n" + traceback.format_exc(), level="error")
+        return WorkerFault(f"internal error: {type(err).__name__}: {err}")
+
     async def _dispatch(self, job_input: Any) -> dict[str, Any]:
         if not isinstance(job_input, dict):
             raise JobError("INVALID_INPUT", "the job's input must be a JSON object")
@@ -124,18 +154,18 @@ class Worker:
             raise JobError("INVALID_INPUT", "'task' must be a string")
         if task == "health":
             return self.health()
-        if self.fatal is not None:
-            raise WorkerFault(
-                f"worker failed to boot: {self.fatal.get('name')} ({self.fatal.get('code')}): {self.fatal.get('error')} — {self.fatal.get('hint')}"
-            )
+        refusal = self.lifecycle.refusal()
+        if refusal is not None:  # starting/warm: not ready yet; failed: the boot error
+            raise refusal
         spec = next((s for s in CAPABILITIES.values() if s.task == task), None)
         if spec is None:
             known = sorted({"health"} | {s.task for s in CAPABILITIES.values()})
             raise JobError("UNKNOWN_TASK", f"unknown task {task!r}; known tasks: {', '.join(known)}")
         pipeline = self.pipelines.get(spec.name)
         if pipeline is None:
-            info = self.capabilities.get(spec.name, {"reason": "not selected in BOOTSTRAP_EXTRAS"})
-            raise WorkerFault(f"capability {spec.name} is unavailable on this worker: {info.get('reason')}")
+            cap = self.capabilities.get(spec.name)
+            reason = cap.reason if cap is not None else "not selected in BOOTSTRAP_EXTRAS"
+            raise WorkerFault(f"capability {spec.name} is unavailable on this worker: {reason}")
         if self._sem is None:
             self._sem = asyncio.Semaphore(self.concurrency)
         async with self._sem:

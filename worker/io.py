@@ -8,12 +8,19 @@ operator's (bucket credentials) is a `WorkerFault`. Nothing here trusts the inpu
   address —, CGNAT, multicast, reserved, IPv4-mapped forms of them); the connection goes to
   the address that was checked (no second lookup an attacker's DNS could answer differently);
   redirects are followed by hand and each hop is checked again (FAILURES F19).
-- Limits: a deadline for the whole fetch, the byte limit (``WORKER_MAX_INPUT_MB``) checked on
+- Limits: a deadline for the whole fetch, held on the sockets themselves (connect, TLS
+  handshake, every read and write get the time left; the response head is at most 64 KiB), the
+  byte limit (``WORKER_MAX_INPUT_MB``) checked on
   ``Content-Length`` and again while reading, on base64 before decoding it, and the pixel limit
   (``WORKER_MAX_PIXELS``) read from the image header before any pixel is decoded.
 - Decoding: a short list of raster formats (never EPS, which would run Ghostscript), EXIF
   orientation applied, grayscale/palette/CMYK/16-bit converted, alpha kept aside.
-- Upload: only the ``BUCKET_*`` settings, never a silent local fallback (FAILURES F20).
+- Output options (`parse_output`, shared by every task): ``output`` base64|s3 and ``s3``
+  ``{bucket, prefix}``; the prefix is plain ``[A-Za-z0-9._-]`` segments (no ``.``/``..``), the
+  bucket a valid S3 name that ``BUCKET_NAME`` or ``WORKER_S3_BUCKETS`` allows — checked while
+  parsing, before any fetch or model run.
+- Upload: only the ``BUCKET_*`` settings, never a silent local fallback (FAILURES F20); URLs
+  presigned for ``WORKER_PRESIGN_TTL_S``.
 """
 
 from __future__ import annotations
@@ -23,21 +30,25 @@ import concurrent.futures
 import http.client
 import io
 import ipaddress
+import re
 import socket
 import ssl
 import struct
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urljoin, urlsplit
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from worker.errors import JobError, WorkerFault
+
+if TYPE_CHECKING:
+    from bootstrap.settings import Settings
 
 #: Raster formats a job may send. EPS/PS (Ghostscript), PDF and exotic plugins are refused.
 _WANTED_FORMATS = ("PNG", "JPEG", "MPO", "WEBP", "GIF", "BMP", "TIFF")
@@ -52,7 +63,8 @@ Image.init()  # register every plugin now; `formats=` then restricts what may be
 IMAGE_FORMATS = tuple(f for f in _WANTED_FORMATS if f in Image.OPEN)
 MAX_REDIRECTS = 5
 FETCH_TIMEOUT_S = 30.0
-PRESIGN_EXPIRES_S = 7 * 24 * 3600
+#: presigned URL lifetime unless WORKER_PRESIGN_TTL_S says otherwise (SPEC §3)
+PRESIGN_TTL_S = 24 * 3600
 USER_AGENT = "volume-worker/0.1 (+faceswap)"
 
 Resolver = Callable[[str, int], list[str]]
@@ -155,6 +167,175 @@ def _check_url(url: str) -> tuple[str, str, int, str]:
     return scheme, host, port or (443 if scheme == "https" else 80), path
 
 
+class FetchTimeout(TimeoutError):
+    """The fetch's deadline passed (raised by its sockets before a call that could not finish)."""
+
+
+class HeadTooLarge(http.client.HTTPException):
+    """The response's status line and headers exceed `MAX_HEAD_BYTES`."""
+
+
+#: The most bytes a response's status line and headers may hold (http.client alone would take
+#: 100 header lines of 64 KiB each).
+MAX_HEAD_BYTES = 64 * 1024
+
+
+class _Deadline:
+    """One fetch's deadline, shared by every socket call it makes, and its head-size budget."""
+
+    def __init__(self, at: float) -> None:
+        self.at = at
+        self.in_head = False
+        self.head_bytes = 0
+
+    def remaining(self) -> float:
+        left = self.at - time.monotonic()
+        if left <= 0:
+            raise FetchTimeout("the fetch's deadline passed")
+        return left
+
+    def received(self, n: int) -> None:
+        if self.in_head:
+            self.head_bytes += n
+            # The buffered reader may have read up to one buffer of the body with the head.
+            if self.head_bytes > MAX_HEAD_BYTES + io.DEFAULT_BUFFER_SIZE:
+                raise HeadTooLarge(f"the response's headers exceed {MAX_HEAD_BYTES // 1024} KiB")
+
+
+class _DeadlineSocket(socket.socket):
+    """A TCP socket whose every call waits at most the time left until the fetch's deadline, so
+    a server trickling its headers or chunk-size lines byte by byte cannot hold a job."""
+
+    deadline: _Deadline
+
+    def _arm(self) -> None:
+        self.settimeout(self.deadline.remaining())
+
+    def connect(self, address: Any) -> None:
+        self._arm()
+        super().connect(address)
+
+    def recv(self, bufsize: int, flags: int = 0) -> bytes:
+        self._arm()
+        data = super().recv(bufsize, flags)
+        self.deadline.received(len(data))
+        return data
+
+    def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
+        self._arm()
+        n = super().recv_into(buffer, nbytes, flags)
+        self.deadline.received(n)
+        return n
+
+    def send(self, data: Any, flags: int = 0) -> int:
+        self._arm()
+        return super().send(data, flags)
+
+    def sendall(self, data: Any, flags: int = 0) -> None:
+        self._arm()
+        super().sendall(data, flags)
+
+
+class _DeadlineSSLSocket(ssl.SSLSocket):
+    """The same for TLS: the handshake and every record read or written get the time left."""
+
+    deadline: _Deadline
+
+    def _arm(self) -> None:
+        self.settimeout(self.deadline.remaining())
+
+    def do_handshake(self, block: bool = False) -> None:
+        self._arm()
+        super().do_handshake(block)
+
+    def recv(self, buflen: int = 1024, flags: int = 0) -> bytes:
+        self._arm()
+        data = super().recv(buflen, flags)
+        self.deadline.received(len(data))
+        return data
+
+    def recv_into(self, buffer: Any, nbytes: int | None = None, flags: int = 0) -> int:
+        self._arm()
+        n = super().recv_into(buffer, nbytes, flags)
+        self.deadline.received(n)
+        return n
+
+    def send(self, data: Any, flags: int = 0) -> int:
+        self._arm()
+        return super().send(data, flags)
+
+    def sendall(self, data: Any, flags: int = 0) -> None:
+        self._arm()
+        super().sendall(data, flags)
+
+
+def _open_socket(addr: str, port: int, deadline: _Deadline) -> _DeadlineSocket:
+    """A TCP connection to the address that was checked, not to whatever a second DNS lookup returns."""
+    family = socket.AF_INET6 if ":" in addr else socket.AF_INET
+    sock = _DeadlineSocket(family, socket.SOCK_STREAM)
+    sock.deadline = deadline
+    try:
+        sock.connect((addr, port))
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+class _Response(http.client.HTTPResponse):
+    """A response whose head (status line, headers) is bounded by `MAX_HEAD_BYTES`."""
+
+    def __init__(self, sock: Any, *args: Any, **kwargs: Any) -> None:
+        super().__init__(sock, *args, **kwargs)
+        self._deadline: _Deadline = sock.deadline
+
+    def begin(self) -> None:
+        self._deadline.in_head, self._deadline.head_bytes = True, 0
+        try:
+            super().begin()
+        finally:
+            self._deadline.in_head = False
+
+
+class _Connection(http.client.HTTPConnection):
+    response_class = _Response
+
+    def __init__(self, host: str, port: int, addr: str, deadline: _Deadline) -> None:
+        super().__init__(host, port, timeout=deadline.remaining())
+        self._addr, self._deadline = addr, deadline
+
+    def connect(self) -> None:
+        self.sock = _open_socket(self._addr, self.port, self._deadline)
+
+
+class _TLSConnection(http.client.HTTPSConnection):
+    response_class = _Response
+
+    def __init__(self, host: str, port: int, addr: str, deadline: _Deadline) -> None:
+        context = ssl.create_default_context()  # the certificate is checked against the URL's host
+        context.sslsocket_class = _DeadlineSSLSocket
+        super().__init__(host, port, timeout=deadline.remaining(), context=context)
+        self._addr, self._deadline = addr, deadline
+
+    def connect(self) -> None:
+        raw = _open_socket(self._addr, self.port, self._deadline)
+        try:
+            tls = self._context.wrap_socket(  # type: ignore[attr-defined]
+                raw, server_hostname=self.host, do_handshake_on_connect=False
+            )
+        except BaseException:
+            raw.close()
+            raise
+        tls.deadline = self._deadline
+        try:
+            tls.do_handshake()
+        except BaseException:
+            tls.close()
+            raise
+        self.sock = tls
+
+
 def fetch_url(url: str, policy: FetchPolicy) -> bytes:
     """GET ``url`` within the policy's limits; redirects followed by hand, each hop checked.
 
@@ -164,62 +345,60 @@ def fetch_url(url: str, policy: FetchPolicy) -> bytes:
     2. connect to the first checked address itself (TLS still verifies the host name);
     3. on a redirect, go back to 1 with the new location (at most ``max_redirects`` times);
     4. refuse a ``Content-Length`` over the limit, then read in chunks, stopping at limit + 1
-       byte or at the deadline.
+       byte.
+
+    The deadline (``timeout_s`` for the whole fetch, redirects included) is enforced on the
+    sockets themselves: the connect, the TLS handshake and every read and write wait at most the
+    time left, so headers or chunk-size lines trickled a byte at a time end at the deadline; the
+    response head is bounded by `MAX_HEAD_BYTES`.
     """
-    deadline = time.monotonic() + policy.timeout_s
+    deadline = _Deadline(time.monotonic() + policy.timeout_s)
     current = url
     for _hop in range(policy.max_redirects + 1):
         scheme, host, port, path = _check_url(current)
-        addrs = _checked_addresses(host, port, policy, current, deadline)
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise JobError("FETCH_FAILED", f"fetching {_shown(url)} took longer than {policy.timeout_s:g} s")
-        conn = _connection(scheme, host, port, addrs[0], min(remaining, policy.timeout_s))
+        addrs = _checked_addresses(host, port, policy, current, deadline.at)
+        conn: http.client.HTTPConnection | None = None
         resp: http.client.HTTPResponse | None = None
         try:
             try:
+                conn = (_TLSConnection if scheme == "https" else _Connection)(host, port, addrs[0], deadline)
                 conn.request(
                     "GET",
                     path,
                     headers={"User-Agent": USER_AGENT, "Accept": "image/*", "Accept-Encoding": "identity"},
                 )
                 resp = conn.getresponse()
-            except (OSError, http.client.HTTPException, ssl.SSLError) as err:
+                if resp.status in (301, 302, 303, 307, 308):
+                    location = resp.getheader("Location")
+                    if not location:
+                        raise JobError("FETCH_FAILED", f"{_shown(current)} redirected without a Location")
+                    current = urljoin(current, location.strip())
+                    continue
+                if resp.status != 200:
+                    raise JobError(
+                        "FETCH_FAILED", f"{_shown(current)} answered HTTP {resp.status} {resp.reason}"
+                    )
+                return _read_limited(resp, policy, current)
+            except TimeoutError:
+                raise JobError(
+                    "FETCH_FAILED", f"fetching {_shown(url)} took longer than {policy.timeout_s:g} s"
+                ) from None
+            except HeadTooLarge as err:
+                raise JobError("FETCH_FAILED", f"{_shown(current)}: {err}") from None
+            except (OSError, http.client.HTTPException) as err:
                 raise JobError(
                     "FETCH_FAILED", f"fetching {_shown(current)} failed: {type(err).__name__}: {err}"
                 ) from None
-            if resp.status in (301, 302, 303, 307, 308):
-                location = resp.getheader("Location")
-                if not location:
-                    raise JobError("FETCH_FAILED", f"{_shown(current)} redirected without a Location")
-                current = urljoin(current, location.strip())
-                continue
-            if resp.status != 200:
-                raise JobError("FETCH_FAILED", f"{_shown(current)} answered HTTP {resp.status} {resp.reason}")
-            return _read_limited(resp, policy, deadline, current)
         finally:
             if resp is not None:
                 resp.close()
-            conn.close()
+            if conn is not None:
+                conn.close()
     raise JobError("FETCH_FAILED", f"{_shown(url)} redirected more than {policy.max_redirects} times")
 
 
-def _connection(scheme: str, host: str, port: int, addr: str, timeout: float) -> http.client.HTTPConnection:
-    conn: http.client.HTTPConnection
-    if scheme == "https":
-        conn = http.client.HTTPSConnection(host, port, timeout=timeout, context=ssl.create_default_context())
-    else:
-        conn = http.client.HTTPConnection(host, port, timeout=timeout)
-
-    # Connect to the address that was checked, not to whatever a second DNS lookup returns.
-    def pinned(_address: tuple[str, int], timeout: float | None = None, source: Any = None) -> socket.socket:
-        return socket.create_connection((addr, port), timeout, source)
-
-    conn._create_connection = pinned  # type: ignore[attr-defined]
-    return conn
-
-
-def _read_limited(resp: http.client.HTTPResponse, policy: FetchPolicy, deadline: float, url: str) -> bytes:
+def _read_limited(resp: http.client.HTTPResponse, policy: FetchPolicy, url: str) -> bytes:
+    """The body, at most ``max_bytes`` (the socket's deadline ends a slow one)."""
     length = resp.getheader("Content-Length")
     if length is not None and length.strip().isdigit() and int(length) > policy.max_bytes:
         raise JobError(
@@ -229,14 +408,7 @@ def _read_limited(resp: http.client.HTTPResponse, policy: FetchPolicy, deadline:
     chunks: list[bytes] = []
     total = 0
     while True:
-        if time.monotonic() > deadline:
-            raise JobError("FETCH_FAILED", f"fetching {_shown(url)} took longer than {policy.timeout_s:g} s")
-        try:
-            chunk = resp.read1(min(65536, policy.max_bytes + 1 - total))
-        except (OSError, http.client.HTTPException) as err:
-            raise JobError(
-                "FETCH_FAILED", f"reading {_shown(url)} failed: {type(err).__name__}: {err}"
-            ) from None
+        chunk = resp.read1(min(65536, policy.max_bytes + 1 - total))
         if not chunk:
             break
         chunks.append(chunk)
@@ -289,6 +461,27 @@ class Decoded:
     scaled_from: tuple[int, int] | None = None
 
 
+def _to_8bit(arr: np.ndarray) -> np.ndarray:
+    """16-bit, 32-bit integer or float grey as 8-bit, scaled so the brightest pixel maps to at
+    most 255 — in integers (or float32 for float input), in place where possible: a 40-megapixel
+    picture never holds a float64 copy (8 bytes a pixel, twice over)."""
+    if arr.dtype.kind == "f":
+        grey = arr.astype(np.float32, copy=True)
+        np.nan_to_num(grey, copy=False)
+        np.clip(grey, 0, 255, out=grey)
+        return grey.astype(np.uint8)
+    work = arr.astype(np.uint32, copy=True) if arr.dtype.kind == "u" else np.maximum(arr, 0).astype(np.uint32)
+    top = int(work.max()) if work.size else 0
+    if top > 0xFFFF:  # 32-bit input: to 16 bits first, so ×255 stays within uint32
+        shift = top.bit_length() - 16
+        work >>= shift
+        top >>= shift
+    if top > 255:
+        work *= 255
+        work //= top
+    return work.astype(np.uint8)
+
+
 def decode_image(data: bytes, *, max_pixels: int, max_side: int | None, what: str) -> Decoded:
     """Decode with the pixel limit checked from the header, EXIF orientation applied.
 
@@ -326,13 +519,8 @@ def decode_image(data: bytes, *, max_pixels: int, max_side: int | None, what: st
                 "NOT_AN_IMAGE", f"{what} could not be decoded: {type(err).__name__}: {err}"
             ) from None
         alpha: np.ndarray | None = None
-        if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-            arr32 = np.asarray(img, dtype=np.float64)
-            top = float(arr32.max()) or 1.0
-            img = Image.fromarray((arr32 * (255.0 / max(top, 255.0))).astype(np.uint8), "L")
-        elif img.mode == "F":
-            arrf = np.nan_to_num(np.asarray(img, dtype=np.float64))
-            img = Image.fromarray(np.clip(arrf, 0, 255).astype(np.uint8), "L")
+        if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+            img = Image.fromarray(_to_8bit(np.asarray(img)), "L")
         if img.mode == "P":
             img = img.convert("RGBA" if "transparency" in img.info else "RGB")
         if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
@@ -376,13 +564,88 @@ def encode_image(bgr: np.ndarray, alpha: np.ndarray | None, output_format: str) 
     return buf.getvalue()
 
 
-# -- S3 output ---------------------------------------------------------------------------------
+# -- output options and S3 ----------------------------------------------------------------------
 
 ENDPOINT = "BUCKET_ENDPOINT_URL"
 ACCESS_KEY = "BUCKET_ACCESS_KEY_ID"
 SECRET_KEY = "BUCKET_SECRET_ACCESS_KEY"  # noqa: S105 - the variable's name, not a secret
 BUCKET = "BUCKET_NAME"
 REGION = "BUCKET_REGION"
+OUTPUTS = ("base64", "s3")
+#: A key prefix segment: plain characters only (no "." or ".." segment, no empty one).
+_PREFIX_SEGMENT = re.compile(r"[A-Za-z0-9._-]{1,255}")
+#: S3's bucket naming rules: 3-63 of a-z 0-9 . -, starting and ending with a letter or digit.
+_BUCKET_NAME = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+
+
+@dataclass(frozen=True)
+class Output:
+    """Where a job's result goes: inline ``base64``, or ``s3`` (the job's bucket and prefix, or None)."""
+
+    kind: str = "base64"
+    bucket: str | None = None
+    prefix: str | None = None
+
+
+def bucket_problem(name: str) -> str | None:
+    """Why ``name`` is not a valid S3 bucket name, or None."""
+    if not _BUCKET_NAME.fullmatch(name):
+        return "3-63 characters of a-z, 0-9, '.' and '-', starting and ending with a letter or digit"
+    if ".." in name or ".-" in name or "-." in name:
+        return "no '..', '.-' or '-.'"
+    if re.fullmatch(r"\d+\.\d+\.\d+\.\d+", name):
+        return "not formatted as an IP address"
+    if name.startswith(("xn--", "sthree-")) or name.endswith(("-s3alias", "--ol-s3")):
+        return "no reserved prefix (xn--, sthree-) or suffix (-s3alias, --ol-s3)"
+    return None
+
+
+def _prefix(value: str) -> str:
+    segments = value.strip("/").split("/")
+    for segment in segments:
+        if segment in (".", "..") or not _PREFIX_SEGMENT.fullmatch(segment):
+            raise JobError(
+                "INVALID_INPUT",
+                f"s3.prefix segment {segment[:80]!r} is not allowed: use '/'-separated segments of "
+                "A-Z, a-z, 0-9, '.', '_' and '-', none of them '.' or '..'",
+            )
+    return "/".join(segments)
+
+
+def parse_output(job: Mapping[str, Any], allowed_buckets: Collection[str]) -> Output:
+    """A job's ``output`` (``base64`` | ``s3``) and ``s3`` (``{"bucket", "prefix"}``), checked.
+
+    Every task with an S3 output calls this while parsing its input, so a bad prefix or bucket is
+    INVALID_INPUT before any fetch or model run. ``allowed_buckets`` is `Uploader.allowed_buckets`:
+    a job may name only those (SPEC §3, ``WORKER_S3_BUCKETS``).
+    """
+    kind = job.get("output", "base64")
+    if not isinstance(kind, str) or kind.strip().lower() not in OUTPUTS:
+        raise JobError("INVALID_INPUT", "output must be 'base64' or 's3'")
+    kind = kind.strip().lower()
+    s3 = job.get("s3")
+    if s3 is None:
+        return Output(kind)
+    if kind != "s3":
+        raise JobError("INVALID_INPUT", "'s3' is only used with output: 's3'")
+    if not isinstance(s3, dict) or set(s3) - {"bucket", "prefix"}:
+        raise JobError("INVALID_INPUT", "s3 must be an object with 'bucket' and/or 'prefix'")
+    for key, value in s3.items():
+        if not isinstance(value, str) or len(value) > 1024 or any(ord(c) < 32 for c in value):
+            raise JobError("INVALID_INPUT", f"s3.{key} must be a string without control characters")
+    bucket = s3.get("bucket", "").strip() or None
+    if bucket is not None:
+        why = bucket_problem(bucket)
+        if why is not None:
+            raise JobError("INVALID_INPUT", f"s3.bucket {bucket[:80]!r} is not a valid bucket name: {why}")
+        if bucket not in allowed_buckets:
+            raise JobError(
+                "INVALID_INPUT",
+                f"s3.bucket {bucket!r} is not a bucket this endpoint lets jobs name "
+                f"(the operator lists them in WORKER_S3_BUCKETS); leave s3.bucket out to use the endpoint's own",
+            )
+    prefix = _prefix(s3["prefix"]) if s3.get("prefix", "").strip("/") else None
+    return Output(kind, bucket, prefix)
 
 
 @dataclass
@@ -390,8 +653,27 @@ class Uploader:
     """Uploads outputs to the job bucket (RunPod's ``BUCKET_*`` settings) and presigns a URL."""
 
     environ: Mapping[str, str]
+    #: buckets a job may name besides BUCKET_NAME (WORKER_S3_BUCKETS)
+    buckets: tuple[str, ...] = ()
+    presign_ttl_s: int = PRESIGN_TTL_S
     _client: Any = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Uploader:
+        return cls(
+            settings.environ, buckets=settings.worker_s3_buckets, presign_ttl_s=settings.worker_presign_ttl_s
+        )
+
+    @property
+    def default_bucket(self) -> str | None:
+        return (self.environ.get(BUCKET) or "").strip() or None
+
+    @property
+    def allowed_buckets(self) -> frozenset[str]:
+        """WORKER_S3_BUCKETS and BUCKET_NAME: what a job's ``s3.bucket`` may name."""
+        default = self.default_bucket
+        return frozenset(self.buckets) | ({default} if default else set())
 
     def _settings(self) -> tuple[str | None, str, str]:
         endpoint = (self.environ.get(ENDPOINT) or "").strip() or None
@@ -429,28 +711,28 @@ class Uploader:
                 )
             return self._client
 
-    def check(self, job_s3: Mapping[str, str] | None) -> str:
+    def check(self, target: Output) -> str:
         """The bucket to use; a WorkerFault naming what is missing (run before any model work)."""
         self._settings()  # credentials first: the message names what is missing
-        bucket = (job_s3 or {}).get("bucket") or (self.environ.get(BUCKET) or "").strip()
+        bucket = target.bucket or self.default_bucket
         if not bucket:
-            raise WorkerFault(
-                f"output 's3' needs a bucket: set {BUCKET} on the endpoint or send input.s3.bucket"
-            )
+            raise WorkerFault(f"output 's3' needs a bucket: set {BUCKET} on the endpoint")
         return bucket
 
-    def upload(self, data: bytes, fmt: str, job_s3: Mapping[str, str] | None) -> dict[str, str]:
-        """Put ``data`` at ``<prefix>/<date>/<uuid>.<ext>``; return url (presigned), bucket, key."""
-        bucket = self.check(job_s3)
-        prefix = ((job_s3 or {}).get("prefix") or "faceswap").strip("/")
-        key = f"{prefix}/{time.strftime('%Y-%m-%d', time.gmtime())}/{uuid.uuid4().hex}.{EXTENSIONS[fmt]}"
+    def upload(
+        self, data: bytes, *, ext: str, content_type: str, target: Output, prefix: str
+    ) -> dict[str, str]:
+        """Put ``data`` at ``<prefix>/<date>/<uuid>.<ext>`` (the job's prefix, else ``prefix``);
+        return url (presigned for ``presign_ttl_s``), bucket, key."""
+        bucket = self.check(target)
+        key = f"{target.prefix or prefix}/{time.strftime('%Y-%m-%d', time.gmtime())}/{uuid.uuid4().hex}.{ext}"
         client = self.client()
         from botocore.exceptions import BotoCoreError, ClientError
 
         try:
-            client.put_object(Bucket=bucket, Key=key, Body=data, ContentType=CONTENT_TYPES[fmt])
+            client.put_object(Bucket=bucket, Key=key, Body=data, ContentType=content_type)
             url = client.generate_presigned_url(
-                "get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=PRESIGN_EXPIRES_S
+                "get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=self.presign_ttl_s
             )
         except (BotoCoreError, ClientError) as err:
             raise WorkerFault(f"uploading the output to bucket {bucket!r} failed: {err}") from None

@@ -29,13 +29,13 @@ from typing import Any
 
 from bootstrap.budget import budget
 from bootstrap.errors import BootstrapError, GpuError, WarmLoadError
-from bootstrap.plan import read_plan
+from bootstrap.plan import Capability, read_plan
 from bootstrap.settings import PLAN, Settings
 from bootstrap.timeline import Timeline
 from bootstrap.volume import Volume
 from worker import pipelines  # noqa: F401 - registers the capabilities
 from worker.capabilities import CAPABILITIES
-from worker.handler import Worker, make_handler
+from worker.handler import Worker, make_handler, quiet_sdk_logs
 from worker.lifecycle import Lifecycle, State
 from worker.pipelines.base import LoadContext
 
@@ -56,6 +56,7 @@ def warm_up(worker: Worker, settings: Settings) -> None:
     """Phases import and warm: every enabled capability imported and loaded, or degraded."""
     plan, timeline = worker.plan, worker.timeline
     enabled: list[str] = []
+    worker.lifecycle.to(State.WARM)
     with timeline.phase("import") as detail:
         try:
             import runpod  # noqa: F401 - the SDK must import before anything else counts as ready
@@ -67,7 +68,7 @@ def warm_up(worker: Worker, settings: Settings) -> None:
 
         for name, cap in plan.capabilities.items():
             if cap.status != "ok":
-                worker.capabilities[name] = {"status": "unavailable", "reason": cap.reason}
+                worker.capabilities[name] = Capability("unavailable", cap.required, cap.reason)
                 continue
             spec = CAPABILITIES.get(name)
             try:
@@ -81,12 +82,11 @@ def warm_up(worker: Worker, settings: Settings) -> None:
                         f"capability {name}: {reason}",
                         hint="the env's smoke test should have caught this: run `bootstrap diagnose`",
                     ) from err
-                worker.capabilities[name] = {"status": "unavailable", "reason": reason}
+                worker.capabilities[name] = Capability("unavailable", cap.required, reason)
                 continue
             enabled.append(name)
         detail["capabilities"] = enabled
     worker.boot_ms["import"] = round(timeline.phase_ms["import"], 1)
-    worker.lifecycle.to(State.WARM)
     ctx = LoadContext(settings=settings, models=dict(plan.models), env_key=plan.env_key)
     with budget(timeline, "warm", settings.budget("warm")), timeline.phase("warm") as detail:
         for name in enabled:
@@ -100,9 +100,9 @@ def warm_up(worker: Worker, settings: Settings) -> None:
                 reason = f"warm-load failed: {type(err).__name__}: {err}"
                 if plan.capabilities[name].required:
                     raise WarmLoadError(f"capability {name}: {reason}") from err
-                worker.capabilities[name] = {"status": "unavailable", "reason": reason}
+                worker.capabilities[name] = Capability("unavailable", False, reason)
                 continue
-            worker.capabilities[name] = {"status": "ok", "reason": None}
+            worker.capabilities[name] = Capability("ok", plan.capabilities[name].required, None)
             # Which provider really runs the models, in the boot log too (FAILURES F15).
             info = worker.pipelines[name].device()
             detail.setdefault("device", {})[name] = {
@@ -113,6 +113,43 @@ def warm_up(worker: Worker, settings: Settings) -> None:
                 timeline.log(f"{name}: {info['fallback']}", level="warn")
         detail["loaded"] = sorted(worker.pipelines)
     worker.boot_ms["warm"] = round(timeline.phase_ms["warm"], 1)
+
+
+def boot(worker: Worker, settings: Settings) -> int | None:
+    """Drive the lifecycle to ready, or to failed; an exit code when the worker must not serve.
+
+    starting → warm → ready; a boot error (the plan's, or the warm phase's) → failed, then with
+    ``BOOTSTRAP_ON_FATAL=serve-error`` every job is answered with it for the grace period.
+    """
+    plan, timeline = worker.plan, worker.timeline
+    fatal: dict[str, Any] | None = plan.fatal
+    if fatal is None:
+        try:
+            warm_up(worker, settings)
+        except (WarmLoadError, GpuError) as err:
+            worker.lifecycle.fail(err.as_detail())
+            if settings.on_fatal != "serve-error":
+                timeline.close()
+                print(f"error: {err.message}\nhint: {err.hint}", file=sys.stderr)
+                return err.exit_code
+            fatal = err.as_detail()
+    if fatal is not None:
+        if worker.lifecycle.state is not State.FAILED:
+            worker.lifecycle.fail(fatal)
+        timeline.log(
+            f"serving the boot error for {settings.fatal_grace_s:g} s: {fatal.get('error')}",
+            level="error",
+        )
+        _fatal_exit_later(worker, settings.fatal_grace_s, int(fatal.get("code", 1)))
+        return None
+    worker.lifecycle.to(State.READY)
+    timeline.event(
+        "ready",
+        "end",
+        ms=(time.time() - plan.boot_started) * 1000 if plan.boot_started else None,
+        detail={"capabilities": worker.capability_table()},
+    )
+    return None
 
 
 def serve(worker: Worker, settings: Settings) -> None:
@@ -146,34 +183,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     worker.boot_ms.update(plan.boot_ms)
     for name, cap in plan.capabilities.items():
-        worker.capabilities[name] = {"status": cap.status, "reason": cap.reason}
-    fatal: dict[str, Any] | None = plan.fatal
-    if fatal is None:
-        try:
-            warm_up(worker, settings)
-        except (WarmLoadError, GpuError) as err:
-            worker.lifecycle.to(State.FAILED, err.message)
-            if settings.on_fatal != "serve-error":
-                timeline.close()
-                print(f"error: {err.message}\nhint: {err.hint}", file=sys.stderr)
-                return err.exit_code
-            fatal = err.as_detail()
-    if fatal is not None:
-        worker.fatal = fatal
-        if worker.lifecycle.state is State.STARTING:
-            worker.lifecycle.to(State.FAILED, str(fatal.get("error")))
-        timeline.log(
-            f"serving the boot error for {settings.fatal_grace_s:g} s: {fatal.get('error')}",
-            level="error",
-        )
-        _fatal_exit_later(worker, settings.fatal_grace_s, int(fatal.get("code", 1)))
-    else:
-        worker.lifecycle.to(State.READY)
-        timeline.event(
-            "ready",
-            "end",
-            ms=(time.time() - plan.boot_started) * 1000 if plan.boot_started else None,
-            detail={"capabilities": worker.capabilities},
-        )
+        worker.capabilities[name] = Capability(cap.status, cap.required, cap.reason)
+    quiet_sdk_logs(os.environ, debug=settings.debug)  # before runpod is imported
+    code = boot(worker, settings)
+    if code is not None:
+        return code
     serve(worker, settings)
     return 0

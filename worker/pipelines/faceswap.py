@@ -6,7 +6,8 @@ Compatible with existing face-swap workers' clients (SPEC §10)::
      "source_index": 1, "target_index": 0, "output_format": "png", "output": "base64",
      "max_side": null, "s3": {"bucket", "prefix"}}
 
-Faces are numbered from 1, left to right; ``target_index`` 0 swaps every face of the target.
+Faces are numbered from 1, left to right; ``target_index`` 0 swaps every face of the target, at
+most ``WORKER_MAX_FACES`` of them, the largest first (``faces.target`` then exceeds ``swapped``).
 
 `load` runs once, before the first job (warm-load, FAILURES F10):
 
@@ -22,8 +23,8 @@ Faces are numbered from 1, left to right; ``target_index`` 0 swaps every face of
 
 A job (`FaceSwap.run`) goes fetch → decode → detect → swap → encode (→ upload), timing each
 stage into the result's ``ms``. Problems with the job's input are `JobError`s with SPEC §10's
-codes; CUDA out-of-memory and CUDA errors become `WorkerFault(refresh=True)` so RunPod replaces
-the worker.
+codes; CUDA out-of-memory and CUDA errors are classified by the handler (one place,
+`worker.device.classify_runtime_error`) so RunPod replaces the worker.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ import shutil
 import tempfile
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,7 +46,7 @@ import numpy as np
 from bootstrap.errors import GpuError
 from worker import device
 from worker import io as wio
-from worker.errors import JobError, WorkerFault
+from worker.errors import JobError
 from worker.pipelines.base import LoadContext
 
 # The smoke test imports this module: a broken onnxruntime/opencv install fails the env build.
@@ -83,9 +84,8 @@ class Request:
     source_index: int
     target_index: int
     output_format: str
-    output: str
+    output: wio.Output
     max_side: int | None
-    s3: dict[str, str] | None
 
 
 def _image_ref(job: dict[str, Any], what: str) -> ImageRef:
@@ -119,8 +119,11 @@ def _int(job: dict[str, Any], key: str, default: int | None, minimum: int) -> in
     return value
 
 
-def parse_input(job: Any) -> Request:
-    """Validate a job's input; every problem is INVALID_INPUT naming the field."""
+def parse_input(job: Any, allowed_buckets: Collection[str] = frozenset()) -> Request:
+    """Validate a job's input; every problem is INVALID_INPUT naming the field.
+
+    ``allowed_buckets``: the buckets ``s3.bucket`` may name (`worker.io.Uploader.allowed_buckets`).
+    """
     if not isinstance(job, dict):
         raise JobError("INVALID_INPUT", "the job's input must be a JSON object")
     source = _image_ref(job, "source")
@@ -131,23 +134,7 @@ def parse_input(job: Any) -> Request:
     fmt = job.get("output_format", "png")
     if not isinstance(fmt, str) or fmt.strip().lower() not in wio.OUTPUT_FORMATS:
         raise JobError("INVALID_INPUT", "output_format must be one of png, jpeg, webp")
-    output = job.get("output", "base64")
-    if not isinstance(output, str) or output.strip().lower() not in ("base64", "s3"):
-        raise JobError("INVALID_INPUT", "output must be 'base64' or 's3'")
-    output = output.strip().lower()
-    s3 = job.get("s3")
-    s3_out: dict[str, str] | None = None
-    if s3 is not None:
-        if output != "s3":
-            raise JobError("INVALID_INPUT", "'s3' is only used with output: 's3'")
-        if not isinstance(s3, dict) or set(s3) - {"bucket", "prefix"}:
-            raise JobError("INVALID_INPUT", "s3 must be an object with 'bucket' and/or 'prefix'")
-        s3_out = {}
-        for k, v in s3.items():
-            if not isinstance(v, str) or len(v) > 1024 or any(ord(c) < 32 for c in v):
-                raise JobError("INVALID_INPUT", f"s3.{k} must be a string without control characters")
-            if v.strip("/"):
-                s3_out[k] = v
+    output = wio.parse_output(job, allowed_buckets)
     assert source_index is not None and target_index is not None
     return Request(
         source=source,
@@ -157,8 +144,33 @@ def parse_input(job: Any) -> Request:
         output_format="jpeg" if fmt.strip().lower() == "jpg" else fmt.strip().lower(),
         output=output,
         max_side=max_side,
-        s3=s3_out,
     )
+
+
+def _check_index(faces: list[Face], index: int, what: str) -> None:
+    """The one face-index check, for source and target alike: no face is NO_FACE_IN_<WHAT>; an
+    index (from 1, left to right; 0 for every face) past the last face is FACE_INDEX_OUT_OF_RANGE."""
+    if not faces:
+        raise JobError(f"NO_FACE_IN_{what.upper()}", f"no face found in the {what} image")
+    if index > len(faces):
+        raise JobError(
+            "FACE_INDEX_OUT_OF_RANGE",
+            f"{what}_index is {index} but the {what} image has {len(faces)} face(s)",
+        )
+
+
+def _largest(faces: list[Face], limit: int) -> list[Face]:
+    """At most ``limit`` faces, the largest boxes first chosen, kept in left-to-right order:
+    what ``target_index`` 0 swaps, so one job's swap loop is bounded (WORKER_MAX_FACES)."""
+    if len(faces) <= limit:
+        return list(faces)
+
+    def area(face: Face) -> float:
+        x0, y0, x1, y1 = (float(v) for v in face.bbox[:4])
+        return max(0.0, x1 - x0) * max(0.0, y1 - y0)
+
+    keep = set(sorted(range(len(faces)), key=lambda i: (-area(faces[i]), i))[:limit])
+    return [face for i, face in enumerate(faces) if i in keep]
 
 
 class _Stages:
@@ -174,21 +186,6 @@ class _Stages:
             yield
         finally:
             self.ms[name] = round(self.ms.get(name, 0.0) + (time.perf_counter() - t0) * 1000, 1)
-
-
-@contextlib.contextmanager
-def _model_errors() -> Iterator[None]:
-    """CUDA out-of-memory and CUDA errors → WorkerFault(refresh=True); JobErrors pass through."""
-    try:
-        yield
-    except (JobError, WorkerFault):
-        raise
-    except Exception as err:
-        found = device.classify_runtime_error(err)
-        if found is None:
-            raise
-        message, refresh = found
-        raise WorkerFault(message, refresh=refresh) from err
 
 
 def _check_files(ctx: LoadContext) -> tuple[Path, Path]:
@@ -246,7 +243,7 @@ class FaceSwap:
             allow_private=settings.worker_allow_private_urls,
             timeout_s=float(ctx.extra.get("fetch_timeout_s", wio.FETCH_TIMEOUT_S)),
         )
-        self.uploader = wio.Uploader(settings.environ)
+        self.uploader = wio.Uploader.from_settings(settings)
         buffalo, swapper_path = _check_files(ctx)
         available = list(onnxruntime.get_available_providers())
         self.requested = device.requested_providers(available)
@@ -398,9 +395,9 @@ class FaceSwap:
 
     def run(self, job_input: dict[str, Any]) -> dict[str, Any]:
         """Swap the source face onto the target's face(s); see the module docstring."""
-        req = parse_input(job_input)
-        if req.output == "s3":
-            self.uploader.check(req.s3)  # missing credentials fail before any download or model run
+        req = parse_input(job_input, self.uploader.allowed_buckets)
+        if req.output.kind == "s3":
+            self.uploader.check(req.output)  # missing credentials fail before any download or model run
         t = _Stages()
         with t.stage("fetch"):
             src_bytes = self._bytes(req.source)
@@ -411,36 +408,37 @@ class FaceSwap:
             del src_bytes
             dst = wio.decode_image(dst_bytes, max_pixels=pixels, max_side=side, what="the target image")
             del dst_bytes
-        with t.stage("detect"), _model_errors():
+        with t.stage("detect"):
             src_faces = self._detect(src.bgr)
-            if not src_faces:
-                raise JobError("NO_FACE_IN_SOURCE", "no face found in the source image")
-            if req.source_index > len(src_faces):
-                raise JobError(
-                    "FACE_INDEX_OUT_OF_RANGE",
-                    f"source_index is {req.source_index} but the source image has {len(src_faces)} face(s)",
-                )
+            _check_index(src_faces, req.source_index, "source")
             source_face = src_faces[req.source_index - 1]
             self.recognizer.get(src.bgr, source_face)
             dst_faces = self._detect(dst.bgr)
-            if not dst_faces:
-                raise JobError("NO_FACE_IN_TARGET", "no face found in the target image")
-            if req.target_index > len(dst_faces):
-                raise JobError(
-                    "FACE_INDEX_OUT_OF_RANGE",
-                    f"target_index is {req.target_index} but the target image has {len(dst_faces)} face(s)",
-                )
-        chosen = dst_faces if req.target_index == 0 else [dst_faces[req.target_index - 1]]
-        with t.stage("swap"), _model_errors():
+            _check_index(dst_faces, req.target_index, "target")
+        chosen = (
+            _largest(dst_faces, self.settings.worker_max_faces)
+            if req.target_index == 0
+            else [dst_faces[req.target_index - 1]]
+        )
+        with t.stage("swap"):
             result = dst.bgr.copy()
             for face in chosen:
                 self._swap_into(result, face, source_face)
         with t.stage("encode"):
             data = wio.encode_image(result, dst.alpha, req.output_format)
         out: dict[str, Any] = {"success": True}
-        if req.output == "s3":
+        if req.output.kind == "s3":
+            fmt = wio.OUTPUT_FORMATS[req.output_format]
             with t.stage("upload"):
-                out.update(self.uploader.upload(data, wio.OUTPUT_FORMATS[req.output_format], req.s3))
+                out.update(
+                    self.uploader.upload(
+                        data,
+                        ext=wio.EXTENSIONS[fmt],
+                        content_type=wio.CONTENT_TYPES[fmt],
+                        target=req.output,
+                        prefix=NAME,
+                    )
+                )
         else:
             with t.stage("encode"):
                 out["image_base64"] = base64.b64encode(data).decode("ascii")
