@@ -1159,7 +1159,7 @@ def _matches(q: Quarantined, f: ModelFile) -> bool:
 
 def check_weights(ctx: Context) -> list[Check]:
     from bootstrap.manifest import load_manifest, selected
-    from bootstrap.weights import check_verified
+    from bootstrap.weights import why_unverified
 
     s = ctx.settings
     try:
@@ -1181,7 +1181,7 @@ def check_weights(ctx: Context) -> list[Check]:
     for f in files:
         copies = [q for q in quarantine if _matches(q, f)]
         claimed.update(q.path for q in copies)
-        why = check_verified(vol, f)
+        why = why_unverified(vol, f)
         target = vol.models / f.published_dest
         if why is None:
             extra = f"; {len(copies)} earlier bad copies in quarantine" if copies else ""

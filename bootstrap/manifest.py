@@ -13,6 +13,7 @@ from pathlib import Path, PurePosixPath
 from urllib.parse import urlsplit
 
 from bootstrap.errors import ConfigError
+from bootstrap.urls import NotHfRef, is_loopback_host, parse_hf
 
 FORMATS = ("onnx", "safetensors", "zip", "raw")
 SCHEMES = ("hf", "https", "http", "s3", "file")
@@ -127,18 +128,15 @@ def parse_manifest(text: str, *, origin: str = "models.toml") -> list[ModelFile]
     return files
 
 
-_HEX40 = re.compile(r"[0-9a-f]{40}")
-
-
 def _check_source(source: str, dest: str, origin: str) -> None:
     """The source's shape: hf:// pinned to a commit, s3://bucket/key, https (http on loopback only)."""
     parts = urlsplit(source)
     if parts.scheme == "hf":
-        segments = [s for s in (parts.netloc + parts.path).split("/") if s]
-        if segments and segments[0] in ("datasets", "spaces"):
-            segments = segments[1:]
-        query = dict(p.split("=", 1) for p in parts.query.split("&") if "=" in p)
-        if len(segments) < 3 or not _HEX40.fullmatch(query.get("revision", "")):
+        try:
+            pinned = parse_hf(source).pinned
+        except NotHfRef:
+            pinned = False
+        if not pinned:
             raise ConfigError(
                 f"{origin}: {dest}: source {source!r} must be hf://ORG/REPO/PATH?revision=<40-hex commit>",
                 hint="pin the Hub file to a commit (the repo's 'History' page gives it), so every boot gets the same bytes",
@@ -155,7 +153,7 @@ def _check_source(source: str, dest: str, origin: str) -> None:
             raise ConfigError(
                 f"{origin}: {dest}: source {source!r} has no host", hint="give a full https:// URL"
             )
-        if parts.scheme == "http" and host != "localhost" and not host.startswith("127.") and host != "::1":
+        if parts.scheme == "http" and not is_loopback_host(host):
             raise ConfigError(
                 f"{origin}: {dest}: source {source!r} is plain http://",
                 hint="use https:// (plain http is only accepted on loopback, for tests)",

@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import sys
 import threading
 import time
@@ -26,11 +25,10 @@ from typing import IO, Any
 
 from bootstrap.errors import INTERNAL, BootstrapError
 from bootstrap.settings import Settings, is_secret_name
+from bootstrap.urls import scrub_passwords
 
 PHASES = ("preflight", "env", "weights", "import", "warm", "ready", "job")
 EVENTS = ("start", "end", "skip", "fail", "wait", "progress")
-
-URL_PASSWORD = re.compile(r"(\b[a-z][a-z0-9+.-]*://[^/\s:@]+:)[^@\s/]+@", re.IGNORECASE)
 
 JSONL = "boot.jsonl"
 TEXT = "boot.log"
@@ -109,7 +107,7 @@ class Timeline:
             if value in text:
                 text = text.replace(value, "***")
         # A password inside a URL (a mirror given as https://user:pass@host/...).
-        return URL_PASSWORD.sub(r"\1***@", text)
+        return scrub_passwords(text)
 
     def _write_file(self, kind: str, line: str) -> None:
         target = self._jsonl if kind == "json" else self._text

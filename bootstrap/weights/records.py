@@ -18,7 +18,7 @@ from typing import Any
 
 from bootstrap.manifest import ModelFile
 from bootstrap.volume import Volume, fsync_dir
-from bootstrap.weights.verify import format_for, sniff
+from bootstrap.weights.verify import format_for, sniff_problem
 
 
 def verified_record_path(volume: Volume, dest: str) -> Path:
@@ -34,7 +34,7 @@ def read_record(volume: Volume, dest: str) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def check_verified(volume: Volume, f: ModelFile) -> str | None:
+def why_unverified(volume: Volume, f: ModelFile) -> str | None:
     """Why ``f`` is not usable as it is on the volume, or None when it is.
 
     Usable: its record exists, and every recorded file is there with the recorded size and
@@ -78,7 +78,7 @@ def _check_one(path: Path, size: object, fmt: str) -> str | None:
         return f"{path} is unreadable: {err.strerror or err}"
     if st.st_size != size:
         return f"{path} is {st.st_size} bytes, but {size} were verified"
-    why = sniff(path, fmt)
+    why = sniff_problem(path, fmt)
     if why:
         return f"{path} fails the {fmt} sniff: {why}"
     return None

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import http.client
-import ipaddress
 import os
 import re
 import socket
@@ -28,6 +27,7 @@ from typing import Any, Protocol
 from urllib.parse import quote, unquote, urljoin, urlsplit
 
 from bootstrap.errors import ConfigError
+from bootstrap.urls import NotHfRef, is_loopback_host, origin, parse_hf, shown
 
 HF_DEFAULT_ENDPOINT = "https://huggingface.co"
 USER_AGENT = "volume-worker-bootstrap/1"
@@ -87,15 +87,6 @@ class Source(Protocol):
     def connect(self) -> Connection: ...
 
 
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
 def _retry_after(value: str | None) -> float | None:
     if not value:
         return None
@@ -119,7 +110,7 @@ def _new_connection(url: str, timeout: float) -> http.client.HTTPConnection:
         return http.client.HTTPSConnection(
             host, parts.port, timeout=timeout, context=ssl.create_default_context()
         )
-    if parts.scheme == "http" and is_loopback(host):
+    if parts.scheme == "http" and is_loopback_host(host):
         return http.client.HTTPConnection(host, parts.port, timeout=timeout)
     raise SourceFailed(f"{parts.scheme}://{host}: only https:// (or http:// on loopback) is fetched")
 
@@ -127,11 +118,6 @@ def _new_connection(url: str, timeout: float) -> http.client.HTTPConnection:
 def _path_of(url: str) -> str:
     parts = urlsplit(url)
     return (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-
-
-def _host_key(url: str) -> tuple[str, str, int | None]:
-    p = urlsplit(url)
-    return (p.scheme, p.hostname or "", p.port)
 
 
 def _status_error(status: int, reason: str, headers: Any, what: str) -> Exception:
@@ -182,7 +168,7 @@ class HTTPConnection:
         self.url = source.data_url or source.url
 
     def _request(self, method: str, url: str, headers: dict[str, str]) -> http.client.HTTPResponse:
-        if self.conn is None or _host_key(url) != _host_key(self.url):
+        if self.conn is None or origin(url) != origin(self.url):
             self.close()
             self.conn = _new_connection(url, self.source.timeout_s)
             self.url = url
@@ -524,39 +510,25 @@ class FileSource:
 # -- parsing -----------------------------------------------------------------------------------
 
 
-def hf_url(source: str, endpoint: str) -> str:
-    """``hf://[datasets/|spaces/]ORG/REPO/PATH?revision=REV`` → the Hub's resolve URL."""
-    parts = urlsplit(source)
-    segments = [s for s in (parts.netloc + parts.path).split("/") if s]
-    prefix = ""
-    if segments and segments[0] in ("datasets", "spaces"):
-        prefix, segments = segments[0] + "/", segments[1:]
-    if len(segments) < 3:
-        raise ConfigError(
-            f"{source!r} is not hf://ORG/REPO/PATH?revision=COMMIT",
-            hint="e.g. hf://org/repo/model.onnx?revision=<40-hex commit>",
-        )
-    query = dict(p.split("=", 1) for p in parts.query.split("&") if "=" in p)
-    revision = unquote(query.get("revision", "main"))
-    repo = "/".join(segments[:2])
-    path = "/".join(segments[2:])
-    return f"{endpoint.rstrip('/')}/{prefix}{repo}/resolve/{quote(revision, safe='')}/{quote(path)}"
-
-
 def make_source(url: str, environ: Mapping[str, str], *, timeout_s: float = 30.0) -> Source:
     """A `Source` for a manifest or mirror URL; `ConfigError` when it cannot be one."""
     parts = urlsplit(url)
     scheme = parts.scheme
     if scheme == "hf":
         endpoint = (environ.get("HF_ENDPOINT") or HF_DEFAULT_ENDPOINT).strip()
-        resolved = hf_url(url, endpoint)
+        try:
+            resolved = parse_hf(url).resolve_url(endpoint)
+        except NotHfRef as err:
+            raise ConfigError(
+                str(err), hint="e.g. hf://org/repo/model.onnx?revision=<40-hex commit>"
+            ) from None
         _check_http(resolved, "HF_ENDPOINT")
         return HTTPSource(
             resolved, label=url, token=environ.get("HF_TOKEN") or None, hub=True, timeout_s=timeout_s
         )
     if scheme in ("https", "http"):
         _check_http(url, "the source")
-        return HTTPSource(url, label=_strip_query(url), timeout_s=timeout_s)
+        return HTTPSource(url, label=shown(url), timeout_s=timeout_s)
     if scheme == "s3":
         key = parts.path.lstrip("/")
         if not parts.netloc or not key:
@@ -569,22 +541,13 @@ def make_source(url: str, environ: Mapping[str, str], *, timeout_s: float = 30.0
 
 def _check_http(url: str, what: str) -> None:
     parts = urlsplit(url)
-    if parts.scheme == "http" and not is_loopback(parts.hostname or ""):
+    if parts.scheme == "http" and not is_loopback_host(parts.hostname or ""):
         raise ConfigError(
-            f"{what} {_strip_query(url)!r} is plain http:// to a non-loopback host",
+            f"{what} {shown(url)!r} is plain http:// to a non-loopback host",
             hint="use https:// (plain http is only accepted on 127.0.0.1 for tests)",
         )
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError(f"{what} {_strip_query(url)!r} is not an https:// URL", hint="use https://HOST/...")
-
-
-def _strip_query(url: str) -> str:
-    """A URL fit for logs: no query string (presigned URLs carry credentials there), no userinfo."""
-    p = urlsplit(url)
-    host = p.hostname or ""
-    if p.port:
-        host = f"{host}:{p.port}"
-    return f"{p.scheme}://{host}{p.path}"
+        raise ConfigError(f"{what} {shown(url)!r} is not an https:// URL", hint="use https://HOST/...")
 
 
 def mirror_url(mirror: str, dest: str) -> str:

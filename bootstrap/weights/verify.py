@@ -2,7 +2,7 @@
 
 Two levels, both by hand with the standard library (bootstrap never imports onnx):
 
-- `sniff`: cheap (the first KiB and the size), run on every boot, even warm ones. Rejects a
+- `sniff_problem`: cheap (the first KiB and the size), run on every boot, even warm ones. Rejects a
   Git-LFS pointer, an HTML or JSON error page, a compressed stream where a model is expected
   (gzip magic on an ``.onnx``), and a first record that cannot start the declared format.
 - `check_format`: the whole file, run once before publishing. ``onnx``: the ModelProto's
@@ -83,7 +83,7 @@ def sniff_bytes(head: bytes, size: int, fmt: str) -> str | None:
     return None
 
 
-def sniff(path: Path, fmt: str) -> str | None:
+def sniff_problem(path: Path, fmt: str) -> str | None:
     """`sniff_bytes` on a file: None when its start and size fit ``fmt``."""
     try:
         with open(path, "rb") as f:
@@ -308,7 +308,7 @@ def zip_members(path: Path) -> list[zipfile.ZipInfo]:
 
 def check_format(path: Path, fmt: str) -> None:
     """Sniff, then the whole-file check for ``fmt``; raise `BadFile` with the reason."""
-    why = sniff(path, fmt)
+    why = sniff_problem(path, fmt)
     if why:
         raise BadFile(why)
     if fmt == "onnx":
