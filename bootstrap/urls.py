@@ -146,13 +146,33 @@ def is_loopback_host(host: str) -> bool:
     return ip.is_loopback
 
 
+#: IPv6 prefixes whose low 32 bits are an IPv4 address the packet really goes to.
+_EMBEDS_IPV4 = (
+    ipaddress.IPv6Network("::ffff:0:0/96"),  # IPv4-mapped
+    ipaddress.IPv6Network("::ffff:0:0:0/96"),  # IPv4-translated (SIIT, RFC 2765)
+    ipaddress.IPv6Network("64:ff9b::/96"),  # NAT64 well-known prefix (RFC 6052)
+    ipaddress.IPv6Network("::/96"),  # IPv4-compatible (deprecated, RFC 4291)
+)
+#: Local-use NAT64 (RFC 8215): where the IPv4 sits depends on the operator's prefix length, so
+#: nothing behind it can be judged public.
+_LOCAL_NAT64 = ipaddress.IPv6Network("64:ff9b:1::/48")
+
+
 def is_public_address(addr: str) -> bool:
-    """True only for globally routable unicast addresses (IPv4-mapped IPv6 judged as IPv4)."""
-    ip = ipaddress.ip_address(addr.split("%", 1)[0])
+    """True only for globally routable unicast addresses.
+
+    IPv6 forms that embed an IPv4 address are judged by that address: a NAT64 gateway or a
+    dual stack delivers ``64:ff9b::7f00:1`` or ``::ffff:0:7f00:1`` to 127.0.0.1.
+    """
+    ip = ipaddress.ip_address(addr.split("%", 1)[0].strip("[]"))
     if isinstance(ip, ipaddress.IPv6Address):
-        for embedded in (ip.ipv4_mapped, ip.sixtofour):
-            if embedded is not None:
-                return is_public_address(str(embedded))
+        if ip in _LOCAL_NAT64:
+            return False
+        for net in _EMBEDS_IPV4:
+            if ip in net:
+                return is_public_address(str(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)))
+        if ip.sixtofour is not None:
+            return is_public_address(str(ip.sixtofour))
         if ip.teredo is not None:
             return False
     return bool(ip.is_global) and not ip.is_multicast

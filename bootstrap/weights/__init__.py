@@ -16,6 +16,7 @@ from __future__ import annotations
 from bootstrap.errors import WeightsError
 from bootstrap.weights.fetch import lease_name
 from bootstrap.weights.phase import ensure_weights
+from bootstrap.weights.phase import validate as validate_weights
 from bootstrap.weights.records import verified_record_path, why_unverified
 from bootstrap.weights.transfer import FetchOptions
 
@@ -24,6 +25,7 @@ __all__ = [
     "WeightsError",
     "ensure_weights",
     "lease_name",
+    "validate_weights",
     "verified_record_path",
     "why_unverified",
 ]

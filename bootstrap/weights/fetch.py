@@ -36,13 +36,16 @@ from bootstrap.manifest import ModelFile
 from bootstrap.settings import Settings
 from bootstrap.timeline import Timeline
 from bootstrap.volume import Volume, fsync_dir, require_free
+from bootstrap.weights.hfcache import use_cached_file
 from bootstrap.weights.progress import Progress
 from bootstrap.weights.records import quarantine, read_record, why_unverified, write_record
 from bootstrap.weights.sources import Probe, Source, SourceFailed, Transient, make_source, mirror_url
 from bootstrap.weights.transfer import (
+    UNKNOWN_SPACE_EVERY,
     Aborted,
     FetchOptions,
     Transfer,
+    TransferResult,
     covered_bytes,
     identity,
     owner_alive,
@@ -92,7 +95,14 @@ def lease_name(dest: str) -> str:
 # -- one file ----------------------------------------------------------------------------------
 
 
+def located(volume: Volume, dest: str) -> Path:
+    """Where a verified entry is: its record's ``location`` (the HF cache), else ``models/<dest>``."""
+    record = read_record(volume, dest) or {}
+    return Path(record["location"]) if record.get("location") else volume.models / dest
+
+
 def ensure_file(ctx: FetchContext, f: ModelFile) -> FileOutcome:
+    """Make ``f`` verified (see the module's internal logic) and say where it is."""
     volume, settings = ctx.volume, ctx.settings
     final = volume.models / f.published_dest
 
@@ -111,10 +121,14 @@ def ensure_file(ctx: FetchContext, f: ModelFile) -> FileOutcome:
         enabled=settings.locks,
     )
     if lease is None:
-        return FileOutcome(str(final), False)
+        return FileOutcome(str(located(volume, f.published_dest)), False)
     try:
         if done():
-            return FileOutcome(str(final), False)
+            return FileOutcome(str(located(volume, f.published_dest)), False)
+        cached = use_cached_file(settings, volume, f, ctx.owner)
+        if cached is not None:
+            ctx.timeline.log(f"weights: {f.dest}: verified in the HF cache at {cached}, used in place")
+            return FileOutcome(cached, False, f"hf-cache:{cached}")
         reasons: list[str] = []
         urls = []
         if settings.mirror:
@@ -123,7 +137,9 @@ def ensure_file(ctx: FetchContext, f: ModelFile) -> FileOutcome:
         for url in urls:
             if ctx.abort.is_set():
                 raise Aborted("stopped: another required file failed")
-            source = make_source(url, settings.environ, timeout_s=ctx.options.timeout_s)
+            source = make_source(
+                url, settings.environ, timeout_s=ctx.options.timeout_s, policy=ctx.options.addresses
+            )
             try:
                 return _from_source(ctx, f, source, fresh=False)
             except (SourceFailed, BadFile) as err:
@@ -151,8 +167,53 @@ def _probe(ctx: FetchContext, source: Source) -> Probe:
                 raise Aborted("stopped: another required file failed") from None
 
 
+@dataclass
+class Downloaded:
+    """A verified download, still in its part directory (``data``), ready to be published."""
+
+    part: Path
+    data: Path
+    result: TransferResult
+    probe: Probe
+    members: list[Any]
+
+
 def _from_source(ctx: FetchContext, f: ModelFile, source: Source, *, fresh: bool) -> FileOutcome:
     """Fetch, verify and publish ``f`` from one source; raise `SourceFailed`/`BadFile` to move on."""
+    volume = ctx.volume
+    got = download(ctx, f, source, volume.models / f.dest, fresh=fresh)
+    part, data, result, probe = got.part, got.data, got.result, got.probe
+    record: dict[str, Any] = {
+        "dest": f.published_dest,
+        "source": source.label,
+        "manifest_source": f.source,
+        "size": result.size,
+        "sha256": result.sha256,
+        "sha256_from": "manifest" if f.sha256 else ("source" if probe.sha256 else "computed"),
+        "format": f.format,
+        "worker": ctx.owner,
+    }
+    if f.format == "zip":
+        _publish_zip(ctx, f, part, data, got.members, volume.models / f.unpack, record)
+    else:
+        _publish_file(ctx, f, part, data, volume.models / f.dest, record)
+    return FileOutcome(
+        str(volume.models / f.published_dest), True, source.label, result.received, result.resumed
+    )
+
+
+def download(
+    ctx: FetchContext,
+    f: ModelFile,
+    source: Source,
+    dest_path: Path,
+    *,
+    fresh: bool = False,
+    blob: str | None = None,
+) -> Downloaded:
+    """Fetch ``f``'s bytes from ``source`` into a part directory beside ``dest_path`` and verify
+    them (size, sha256, git ``blob`` id when given, format); a bad file is quarantined and
+    `BadFile` raised (a bad resumed file is first fetched once more from zero)."""
     volume = ctx.volume
     probe = _probe(ctx, source)
     if f.size and probe.size is not None and probe.size != f.size:
@@ -164,7 +225,6 @@ def _from_source(ctx: FetchContext, f: ModelFile, source: Source, *, fresh: bool
     if hasattr(source, "size"):
         source.size = size
     ident = identity(probe, size or 0, expected_sha, source.label) if size is not None else None
-    dest_path = volume.models / f.dest
     directory = dest_path.parent
 
     # Find an interrupted download of the same bytes (and clean dead leftovers) — no writes yet
@@ -209,9 +269,20 @@ def _from_source(ctx: FetchContext, f: ModelFile, source: Source, *, fresh: bool
         ctx.options,
         on_bytes=ctx.progress.add,
         abort=ctx.abort,
+        space_check=lambda: require_free(
+            directory,
+            UNKNOWN_SPACE_EVERY,
+            ctx.settings.min_free_bytes,
+            what=f"fetching {f.dest} (its source gives no size)",
+        ),
     )
     try:
-        result = transfer.run()
+        try:
+            result = transfer.run()
+        except BaseException:
+            if size is None:
+                shutil.rmtree(part, ignore_errors=True)  # without a size there is nothing to resume
+            raise
     except FileNotFoundError as err:
         raise SourceFailed(f"the download's directory vanished (adopted by another worker?): {err}") from None
     except OSError as err:
@@ -227,11 +298,15 @@ def _from_source(ctx: FetchContext, f: ModelFile, source: Source, *, fresh: bool
         + (f"; survived: {'; '.join(sorted(set(result.errors))[:3])}" if result.errors else "")
     )
     data = part / "data"
+    members: list[Any] = []
     try:
         if size is not None and result.size != size:
             raise BadFile(f"got {result.size} bytes, expected {size}")
         if expected_sha and result.sha256 != expected_sha:
             raise BadFile(f"sha256 {result.sha256} is not the expected {expected_sha}")
+        blob = blob or probe.blob
+        if blob and not expected_sha and git_blob_id(data) != blob:
+            raise BadFile(f"git blob id {git_blob_id(data)} is not the source's {blob}")
         if f.format == "zip":
             why = sniff_problem(data, "zip")
             if why:
@@ -256,26 +331,19 @@ def _from_source(ctx: FetchContext, f: ModelFile, source: Source, *, fresh: bool
         )
         if result.resumed and not fresh:
             # The resumed part may be what was wrong: fetch it once more from zero.
-            return _from_source(ctx, f, source, fresh=True)
+            return download(ctx, f, source, dest_path, fresh=True, blob=blob)
         raise
-    record: dict[str, Any] = {
-        "dest": f.published_dest,
-        "source": source.label,
-        "manifest_source": f.source,
-        "size": result.size,
-        "sha256": result.sha256,
-        "sha256_from": "manifest" if f.sha256 else ("source" if probe.sha256 else "computed"),
-        "format": f.format,
-        "worker": ctx.owner,
-    }
-    if f.format == "zip":
-        assert unpack_dir is not None
-        _publish_zip(ctx, f, part, data, members, unpack_dir, record)
-    else:
-        _publish_file(ctx, f, part, data, dest_path, record)
-    return FileOutcome(
-        str(volume.models / f.published_dest), True, source.label, result.received, result.resumed
-    )
+    return Downloaded(part, data, result, probe, members)
+
+
+def git_blob_id(path: Path) -> str:
+    """Git's object id of a file: ``sha1(b"blob <size>\\0" + bytes)`` (the Hub's id of a non-LFS file)."""
+    h = hashlib.sha1(usedforsecurity=False)
+    h.update(f"blob {path.stat().st_size}\0".encode())
+    with open(path, "rb") as src:
+        while chunk := src.read(4 * 1024 * 1024):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _find_partial(
