@@ -274,3 +274,21 @@ def test_repo_entries_parse_and_bad_ones_are_config_errors() -> None:
         with pytest.raises(ConfigError, match=words) as info:
             parse_all(bad)
         assert info.value.exit_code == CONFIG
+
+
+def test_a_hub_that_cannot_be_reached_is_exit_13_naming_the_repo(tmp_path: Path) -> None:
+    import socket
+
+    from bootstrap.errors import WEIGHTS, BootstrapError
+    from bootstrap.weights import FetchOptions
+    from bootstrap.weights.sources import AddressPolicy
+    from tests.test_weights_fetch import OPTS
+
+    def no_dns(host: str, port: int) -> list[str]:
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    boot = Boot(tmp_path, repo_entry(), HF_ENDPOINT="https://hub.invalid")
+    with pytest.raises(BootstrapError) as info:
+        boot.run(FetchOptions(**{**OPTS.__dict__, "addresses": AddressPolicy(resolve=no_dns)}))
+    assert info.value.exit_code == WEIGHTS
+    assert "speech/tiny" in info.value.message and "does not resolve" in info.value.message

@@ -101,7 +101,12 @@ def ensure_weights(
         if dest in outcomes:
             plan.models[dest] = outcomes[dest].path
             o = outcomes[dest]
-            how = f"fetched from {o.source}" if o.fetched else "verified on the volume"
+            if o.fetched:
+                how = f"fetched from {o.source}"
+            elif (o.source or "").startswith("hf-cache:") or not o.path.startswith(str(volume.models)):
+                how = f"verified in the HF cache at {o.path}"
+            else:
+                how = "verified on the volume"
             timeline.log(f"weights: {dest}: ok, {how} ({f.capability})")
             continue
         failure = failures[dest]

@@ -35,7 +35,7 @@ from urllib.parse import quote, unquote, urlsplit
 
 from bootstrap import lease as leases
 from bootstrap.manifest import ModelFile, ModelRepo
-from bootstrap.urls import HfRef, parse_hf, scheme_of
+from bootstrap.urls import HfRef, parse_hf, scheme_of, shown
 from bootstrap.volume import fsync_dir
 from bootstrap.weights.fetch import (
     FetchContext,
@@ -345,7 +345,10 @@ def _sha256(path: Path) -> str:
 def _fetch_repo(ctx: FetchContext, r: ModelRepo) -> FileOutcome:
     volume = ctx.volume
     final = volume.models / r.dest
-    listing, listed_by = file_list(ctx, r)
+    try:
+        listing, listed_by = file_list(ctx, r)
+    except (SourceFailed, Transient) as err:
+        raise FileFailed(f"listing the files of {shown(r.source)}: {err}") from None
     directory, name = final.parent, final.name
     directory.mkdir(parents=True, exist_ok=True)
     stage = _adopt_or_make_stage(ctx, r, directory, name)
