@@ -8,16 +8,19 @@ from pathlib import Path
 from bootstrap.manifest import load_all
 from bootstrap.settings import Settings
 from bootstrap.weights.inventory import cache_snapshots, entry_files, model_garbage, remove_garbage
+from tests import test_weights_repo
 from tests.httpserver import FaultServer
 from tests.test_weights_fetch import Boot
-from tests.test_weights_repo import FILES, PIN, WANTED, hub, make_cache, repo_entry  # noqa: F401 - hub is a fixture
+from tests.test_weights_repo import FILES, PIN, WANTED, make_cache, repo_entry
+
+hub = test_weights_repo.hub  # the HF-like server fixture
 
 NEW = "2222222222222222222222222222222222222222"
 
 
 def test_gc_finds_an_old_repo_revision_and_never_a_path_in_the_hf_cache(
     tmp_path: Path, hub: FaultServer
-) -> None:  # noqa: F811
+) -> None:
     cache = tmp_path / "hf-cache"
     snap = make_cache(cache, PIN)
     boot = Boot(tmp_path, repo_entry(), HF_ENDPOINT=hub.url)
@@ -45,7 +48,7 @@ def test_gc_finds_an_old_repo_revision_and_never_a_path_in_the_hf_cache(
     assert (snap / "config.json").exists()
 
 
-def test_a_dead_workers_staging_is_garbage(tmp_path: Path, hub: FaultServer) -> None:  # noqa: F811
+def test_a_dead_workers_staging_is_garbage(tmp_path: Path, hub: FaultServer) -> None:
     boot = Boot(tmp_path, repo_entry(), HF_ENDPOINT=hub.url)
     stage = boot.models / "speech" / ".tiny.deadbeef0000.stage"
     (stage / "files").mkdir(parents=True)
@@ -57,7 +60,7 @@ def test_a_dead_workers_staging_is_garbage(tmp_path: Path, hub: FaultServer) -> 
     assert [(i.kind, i.path) for i in items] == [("leftover", stage)]
 
 
-def test_diagnose_data_lists_each_repo_file_and_the_cache_snapshots(tmp_path: Path, hub: FaultServer) -> None:  # noqa: F811
+def test_diagnose_data_lists_each_repo_file_and_the_cache_snapshots(tmp_path: Path, hub: FaultServer) -> None:
     cache = tmp_path / "hf-cache"
     snap = make_cache(cache, PIN)
     boot = Boot(tmp_path, repo_entry(), HF_ENDPOINT=hub.url)
