@@ -6,6 +6,7 @@ download of the wrong thing or a model path the worker cannot find (FAILURES F3)
 
 from __future__ import annotations
 
+import fnmatch
 import re
 import tomllib
 from dataclasses import dataclass
@@ -13,6 +14,7 @@ from pathlib import Path, PurePosixPath
 from urllib.parse import urlsplit
 
 from bootstrap.errors import ConfigError
+from bootstrap.urls import NotHfRef, is_loopback_host, parse_hf, scheme_of, shown
 
 FORMATS = ("onnx", "safetensors", "zip", "raw")
 SCHEMES = ("hf", "https", "http", "s3", "file")
@@ -37,17 +39,66 @@ class ModelFile:
         return self.unpack if self.format == "zip" else self.dest
 
 
+@dataclass(frozen=True)
+class ModelRepo:
+    """One ``[[repo]]`` entry: a whole repository published as one directory (SPEC §6)."""
+
+    dest: str
+    source: str
+    #: globs over the repository's paths (``fnmatch``: ``*`` also crosses ``/``); empty: every file
+    include: tuple[str, ...]
+    #: an explicit file list, for sources that cannot list (a mirror, https, s3, file)
+    files: tuple[str, ...]
+    capability: str
+
+    @property
+    def published_dest(self) -> str:
+        return self.dest
+
+    def wants(self, path: str) -> bool:
+        """Is ``path`` one of this entry's files (by ``files``, else by ``include``)?"""
+        if self.files:
+            return path in self.files
+        return not self.include or any(fnmatch.fnmatchcase(path, g) for g in self.include)
+
+
+@dataclass(frozen=True)
+class Manifest:
+    files: tuple[ModelFile, ...]
+    repos: tuple[ModelRepo, ...]
+
+    def selected(self, extras: tuple[str, ...]) -> list[ModelFile | ModelRepo]:
+        """Only entries of selected capabilities are fetched (SPEC §6), files first."""
+        every: list[ModelFile | ModelRepo] = [*self.files, *self.repos]
+        return [e for e in every if e.capability in extras]
+
+
 def _safe_relative(value: str, field: str, index: int) -> str:
+    """``value`` normalised (``./a//b`` is ``a/b``), then checked: relative, no ``..``, not
+    inside ``.verified/`` and not ``.``, so ``./.verified/x`` is refused like ``.verified/x``."""
     p = PurePosixPath(value)
-    if not value or p.is_absolute() or ".." in p.parts or value.startswith(".verified") or "\\" in value:
+    norm = str(p)
+    if (
+        not value
+        or "\\" in value
+        or p.is_absolute()
+        or ".." in p.parts
+        or norm in ("", ".")
+        or p.parts[0] == ".verified"
+    ):
         raise ConfigError(
             f"manifest entry {index + 1}: {field} {value!r} must be a relative path inside models/ without '..'",
             hint="write dest like 'insightface/models/inswapper_128.onnx'",
         )
-    return str(p)
+    return norm
 
 
 def parse_manifest(text: str, *, origin: str = "models.toml") -> list[ModelFile]:
+    """The ``[[file]]`` entries of manifest text (every entry validated; `parse_all` has both kinds)."""
+    return list(parse_all(text, origin=origin).files)
+
+
+def parse_all(text: str, *, origin: str = "models.toml") -> Manifest:
     """Parse and validate manifest text; raise `ConfigError` naming the first bad entry."""
     try:
         data = tomllib.loads(text)
@@ -56,6 +107,12 @@ def parse_manifest(text: str, *, origin: str = "models.toml") -> list[ModelFile]
             f"{origin} is not valid TOML: {err}",
             hint="fix the syntax; every entry is a [[file]] table",
         ) from None
+    unknown_tables = set(data) - {"file", "repo"}
+    if unknown_tables:
+        raise ConfigError(
+            f"{origin}: unknown tables {sorted(unknown_tables)}",
+            hint="the manifest holds [[file]] and [[repo]] entries only",
+        )
     entries = data.get("file", [])
     if not isinstance(entries, list):
         raise ConfigError(
@@ -124,21 +181,102 @@ def parse_manifest(text: str, *, origin: str = "models.toml") -> list[ModelFile]
             raise ConfigError(f"{origin}: {published} appears twice", hint="each dest must be unique")
         seen.add(published)
         files.append(ModelFile(dest, source, size, sha, fmt, unpack, capability))
-    return files
+    repos = _parse_repos(data.get("repo", []), origin, seen, len(files))
+    _check_overlaps([f.published_dest for f in files] + [r.dest for r in repos], origin)
+    return Manifest(tuple(files), tuple(repos))
 
 
-_HEX40 = re.compile(r"[0-9a-f]{40}")
+def _capability(raw: dict[str, object], dest: str, origin: str) -> str:
+    capability = str(raw.get("capability", "")).strip().lower()
+    if not re.fullmatch(r"[a-z0-9][a-z0-9_-]*", capability):
+        raise ConfigError(
+            f"{origin}: {dest}: capability {capability!r} is missing or not a name",
+            hint="name the capability (extra) that needs this entry, e.g. 'faceswap'",
+        )
+    return capability
+
+
+def _strings(raw: dict[str, object], key: str, dest: str, origin: str) -> tuple[str, ...]:
+    value = raw.get(key, [])
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise ConfigError(
+            f"{origin}: {dest}: {key} must be a list of non-empty strings",
+            hint=f'e.g. {key} = ["*.json", "*.safetensors"]',
+        )
+    return tuple(value)
+
+
+def _parse_repos(entries: object, origin: str, seen: set[str], offset: int) -> list[ModelRepo]:
+    if not isinstance(entries, list):
+        raise ConfigError(f"{origin}: 'repo' must be an array of tables ([[repo]])", hint="use [[repo]]")
+    repos: list[ModelRepo] = []
+    for i, raw in enumerate(entries):
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{origin}: repo entry {i + 1} is not a table", hint="use [[repo]] tables")
+        unknown = set(raw) - {"dest", "source", "include", "files", "capability"}
+        if unknown:
+            raise ConfigError(
+                f"{origin}: repo entry {i + 1} has unknown keys {sorted(unknown)}",
+                hint="keys are dest, source, include, files, capability",
+            )
+        dest = _safe_relative(str(raw.get("dest", "")), "dest", offset + i)
+        source = str(raw.get("source", ""))
+        scheme = scheme_of(source)
+        if scheme not in SCHEMES:
+            raise ConfigError(
+                f"{origin}: {dest}: source {shown(source)!r} is not hf://, https://, s3:// or file://",
+                hint="give the repository's source: hf://ORG/REPO?revision=<40-hex commit> or a base URL",
+            )
+        include = _strings(raw, "include", dest, origin)
+        files = tuple(
+            _safe_relative(p, f"files entry of {dest}", offset + i)
+            for p in _strings(raw, "files", dest, origin)
+        )
+        if scheme == "hf":
+            try:
+                ref = parse_hf(source, repo_only=True)
+            except NotHfRef:
+                ref = None
+            if ref is None or not ref.pinned:
+                raise ConfigError(
+                    f"{origin}: {dest}: source {source!r} must be hf://ORG/REPO?revision=<40-hex commit>",
+                    hint="pin the repository to a commit so every boot gets the same files",
+                )
+        else:
+            _check_source(source.rstrip("/") + "/x", dest, origin)
+            if not files:
+                raise ConfigError(
+                    f"{origin}: {dest}: a repository from {scheme}:// cannot be listed: give files = [...]",
+                    hint="list the repository's paths in files, or use an hf:// source (its tree is listed)",
+                )
+        if dest in seen:
+            raise ConfigError(f"{origin}: {dest} appears twice", hint="each dest must be unique")
+        seen.add(dest)
+        repos.append(ModelRepo(dest, source, include, files, _capability(raw, dest, origin)))
+    return repos
+
+
+def _check_overlaps(published: list[str], origin: str) -> None:
+    """No published path may lie inside another (a file inside a repo's or a zip's directory)."""
+    every = set(published)
+    for b in published:
+        a = next((str(p) for p in PurePosixPath(b).parents if str(p) in every), None)
+        if a is not None:
+            raise ConfigError(
+                f"{origin}: {b} lies inside {a}, which another entry publishes",
+                hint="give each entry its own path; one entry's directory cannot hold another's files",
+            )
 
 
 def _check_source(source: str, dest: str, origin: str) -> None:
     """The source's shape: hf:// pinned to a commit, s3://bucket/key, https (http on loopback only)."""
     parts = urlsplit(source)
     if parts.scheme == "hf":
-        segments = [s for s in (parts.netloc + parts.path).split("/") if s]
-        if segments and segments[0] in ("datasets", "spaces"):
-            segments = segments[1:]
-        query = dict(p.split("=", 1) for p in parts.query.split("&") if "=" in p)
-        if len(segments) < 3 or not _HEX40.fullmatch(query.get("revision", "")):
+        try:
+            pinned = parse_hf(source).pinned
+        except NotHfRef:
+            pinned = False
+        if not pinned:
             raise ConfigError(
                 f"{origin}: {dest}: source {source!r} must be hf://ORG/REPO/PATH?revision=<40-hex commit>",
                 hint="pin the Hub file to a commit (the repo's 'History' page gives it), so every boot gets the same bytes",
@@ -155,7 +293,7 @@ def _check_source(source: str, dest: str, origin: str) -> None:
             raise ConfigError(
                 f"{origin}: {dest}: source {source!r} has no host", hint="give a full https:// URL"
             )
-        if parts.scheme == "http" and host != "localhost" and not host.startswith("127.") and host != "::1":
+        if parts.scheme == "http" and not is_loopback_host(host):
             raise ConfigError(
                 f"{origin}: {dest}: source {source!r} is plain http://",
                 hint="use https:// (plain http is only accepted on loopback, for tests)",
@@ -167,15 +305,31 @@ def _check_source(source: str, dest: str, origin: str) -> None:
 
 
 def load_manifest(path: Path) -> list[ModelFile]:
-    """Read and `parse_manifest` the file at ``path``; a missing file is a CONFIG error."""
+    """The ``[[file]]`` entries of the manifest at ``path`` (`load_all` has the ``[[repo]]`` ones too)."""
+    return list(load_all(path).files)
+
+
+def load_all(path: Path) -> Manifest:
+    """Read and `parse_all` the file at ``path``; any problem reading it is a CONFIG error."""
+    hint = "set BOOTSTRAP_MANIFEST to the manifest's path (default worker/models.toml)"
     try:
-        text = path.read_text(encoding="utf-8")
+        raw = path.read_bytes()
     except FileNotFoundError:
+        raise ConfigError(f"the weights manifest {path} does not exist", hint=hint) from None
+    except IsADirectoryError:
+        raise ConfigError(f"the weights manifest {path} is a directory, not a file", hint=hint) from None
+    except OSError as err:
         raise ConfigError(
-            f"the weights manifest {path} does not exist",
-            hint="set BOOTSTRAP_MANIFEST to the manifest's path (default worker/models.toml)",
+            f"the weights manifest {path} cannot be read: {err.strerror or err}", hint=hint
         ) from None
-    return parse_manifest(text, origin=str(path))
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            f"the weights manifest {path} is not UTF-8 text (byte {err.start})",
+            hint="save the manifest as UTF-8 (TOML requires it)",
+        ) from None
+    return parse_all(text, origin=str(path))
 
 
 def selected(files: list[ModelFile], extras: tuple[str, ...]) -> list[ModelFile]:

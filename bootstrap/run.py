@@ -22,7 +22,7 @@ from bootstrap.plan import Capability, Plan, write_plan
 from bootstrap.settings import PLAN, Settings
 from bootstrap.timeline import Timeline, scrub, scrub_data
 from bootstrap.volume import Volume, preflight, resolve_volume
-from bootstrap.weights import ensure_weights
+from bootstrap.weights import ensure_weights, validate_weights
 
 UNTIL = ("env", "weights")
 
@@ -86,6 +86,7 @@ def run(
             if volume.degraded:
                 timeline.log(f"degraded: no volume — using {volume.root} on container disk", level="warn")
             detail.update(preflight(settings, volume))
+            validate_weights(settings)  # the manifest and mirror, before any env is built (exit 2)
         plan.volume = str(volume.root)
         phase = "env"
         with budget(timeline, "env", settings.budget("env")), timeline.phase("env") as detail:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import sys
 import threading
 import time
@@ -26,16 +25,12 @@ from typing import IO, Any
 
 from bootstrap.errors import INTERNAL, BootstrapError
 from bootstrap.settings import Settings, is_secret_name
+from bootstrap.urls import scrub_passwords
 from bootstrap.volume import JSONL as JSONL  # re-exported: the file names of the layout
 from bootstrap.volume import TEXT as TEXT
 
 PHASES = ("preflight", "env", "weights", "import", "warm", "ready", "job")
 EVENTS = ("start", "end", "skip", "fail", "wait", "progress")
-
-#: ``scheme://user:password@`` in a URL (a mirror, a source): the password is never shown. The
-#: password runs to the last ``@`` before the host (a password may itself hold ``@``).
-URL_PASSWORD = re.compile(r"""(\b[a-z][a-z0-9+.-]*://[^/\s:@]*:)[^\s/"'<>]*@""", re.IGNORECASE)
-
 
 def scrub(text: str, secrets: Sequence[str]) -> str:
     """``text`` with every value of ``secrets`` and every password inside a URL replaced by ``***``.
@@ -45,7 +40,7 @@ def scrub(text: str, secrets: Sequence[str]) -> str:
     for value in secrets:
         if value in text:
             text = text.replace(value, "***")
-    return URL_PASSWORD.sub(r"\1***@", text)
+    return scrub_passwords(text)
 
 
 def scrub_data(data: Any, secrets: Sequence[str]) -> Any:

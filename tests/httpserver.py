@@ -17,9 +17,14 @@ Faults (`Fault.kind`), each for the first ``times`` matching requests (None: alw
 - ``ignore_range``: 200 with the whole file even when a Range was asked for;
 - ``status``: answer ``status`` (429, 503, 404…) with an optional ``Retry-After``;
 - ``wrong_length``: Content-Length off by ``delta`` (the body is the real bytes, then close);
-- ``bad_etag``: (``hf`` mode) the Hub headers announce a wrong sha256.
+- ``bad_etag``: (``hf`` mode) the Hub headers announce a wrong sha256;
+- ``redirect``: 302 to ``location``;
+- ``no_length``: no Content-Length, no Accept-Ranges: the body runs to the connection's close
+  (a source that announces no size).
 
-``hf=True`` also answers the Hub's resolve URLs, ``/{org}/{repo}/resolve/{rev}/{path}`` →
+``hf=True`` also answers the Hub's tree API, ``/api/models/{org}/{repo}/tree/{rev}?recursive=true``
+(paginated by ``Link`` headers, ``tree_page`` entries a page; LFS files by extension carry
+``lfs.oid``, every file its git blob ``oid``), and its resolve URLs, ``/{org}/{repo}/resolve/{rev}/{path}`` →
 ``root/{org}/{repo}/{path}``, like huggingface.co: HEAD/GET give 302 to a "CDN" URL (this
 server, addressed as ``localhost``: another host, as a real CDN is) with ``X-Linked-Size``, ``X-Linked-Etag`` (the sha256), ``ETag`` and ``X-Repo-Commit``,
 so both this project's fetcher and ``huggingface_hub`` (through ``HF_ENDPOINT``) work against it.
@@ -33,6 +38,7 @@ import argparse
 import contextlib
 import gzip
 import hashlib
+import json
 import os
 import re
 import socket
@@ -54,6 +60,17 @@ JSON_TEXT = b'{"error": "Repository not found", "status": 404}\n'
 FAKE_COMMIT = "0123456789abcdef0123456789abcdef01234567"
 _RANGE = re.compile(r"bytes=(\d*)-(\d*)$")
 _HF = re.compile(r"^/(?:(datasets|spaces)/)?([^/]+)/([^/]+)/resolve/([^/]+)/(.+)$")
+_TREE = re.compile(r"^/api/(models|datasets|spaces)/([^/]+)/([^/]+)/tree/([^/]+)/?$")
+#: what a repo's .gitattributes stores in LFS, as on the Hub (plus anything over 10 MB)
+LFS_SUFFIXES = (".safetensors", ".onnx", ".bin", ".pt", ".pth", ".ckpt", ".zip", ".msgpack", ".h5", ".model")
+
+
+def is_lfs(path: Path) -> bool:
+    return path.suffix in LFS_SUFFIXES or path.stat().st_size > 10 * 1024 * 1024
+
+
+def git_blob_id(data: bytes) -> str:
+    return hashlib.sha1(b"blob %d\0" % len(data) + data, usedforsecurity=False).hexdigest()
 
 
 @dataclass
@@ -65,6 +82,7 @@ class Fault:
     at: int = 0
     delta: int = 0
     methods: tuple[str, ...] = ("GET", "HEAD")
+    location: str = ""
     used: int = 0
 
 
@@ -92,6 +110,10 @@ class _State:
     sha_cache: dict[tuple[str, int, int], str] = field(default_factory=dict)
     conn_counter: int = 0
     sig: int = 0
+    #: base URL of the "CDN" hf mode redirects LFS files to (default: this server as localhost)
+    cdn: str | None = None
+    #: entries per page of the tree API (the rest follows by ``Link: <…>; rel="next"``)
+    tree_page: int = 1000
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -176,6 +198,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _serve(self) -> None:
         raw_path = unquote(urlsplit(self.path).path)
+        tree = _TREE.match(raw_path) if self.state.hf else None
+        if tree:
+            return self._tree(*tree.groups())
         hf = _HF.match(raw_path) if self.state.hf else None
         if hf:
             _kind, org, repo, rev, rel = hf.groups()
@@ -186,19 +211,28 @@ class _Handler(BaseHTTPRequestHandler):
             file = self.state.root / org / repo / rel
             if not file.is_file():
                 return self._plain(logical, 404, b"Entry not found", fault, {"X-Error-Code": "EntryNotFound"})
+            if not is_lfs(file):
+                # A small file lives in git itself: served at once, its ETag the git blob id.
+                fault = fault or self._take_fault(logical, ("cut", "html", "lfs_pointer", "ignore_range"))
+                return self._file(
+                    logical,
+                    file,
+                    fault,
+                    {"ETag": f'"{git_blob_id(file.read_bytes())}"', "X-Repo-Commit": rev},
+                )
             sha = self._sha(file)
             if fault and fault.kind == "bad_etag":
                 sha = hashlib.sha256(sha.encode()).hexdigest()
             # The "CDN" is this server under another name, so clients see a cross-host redirect
             # (as from huggingface.co to its CDN) and must not forward the Hub token there.
-            host = f"localhost:{self.server.server_address[1]}"
+            cdn = self.state.cdn or f"http://localhost:{self.server.server_address[1]}"
             headers = {
                 "X-Repo-Commit": rev if re.fullmatch(r"[0-9a-f]{40}", rev) else FAKE_COMMIT,
                 "X-Linked-Size": str(file.stat().st_size),
                 "X-Linked-Etag": f'"{sha}"',
                 "ETag": f'"{sha}"',
                 # Signed like a real CDN URL: a new signature each time it is resolved.
-                "Location": f"http://{host}/cdn/{org}/{repo}/{rel}?sig={self._next_sig()}",
+                "Location": f"{cdn}/cdn/{org}/{repo}/{rel}?sig={self._next_sig()}",
                 "Accept-Ranges": "bytes",
             }
             self._plain(logical, 302, b"", fault, headers)
@@ -209,6 +243,8 @@ class _Handler(BaseHTTPRequestHandler):
         fault = self._take_fault(rel)
         if fault and fault.kind == "status":
             return self._status_fault(rel, fault)
+        if fault and fault.kind == "redirect":
+            return self._plain(rel, 302, b"", fault, {"Location": fault.location})
         file = (self.state.root / rel).resolve()
         if self.state.root.resolve() not in file.parents or not file.is_file():
             self._plain(rel, 404, b"not found", fault)
@@ -220,7 +256,34 @@ class _Handler(BaseHTTPRequestHandler):
         headers = {"Retry-After": fault.retry_after} if fault.retry_after else {}
         self._plain(path, fault.status, f"fault: HTTP {fault.status}".encode(), fault, headers)
 
-    def _file(self, rel: str, file: Path, fault: Fault | None) -> None:
+    def _tree(self, kind: str, org: str, repo: str, rev: str) -> None:
+        """The Hub's ``/api/models/{repo}/tree/{rev}?recursive=true``, paginated by ``cursor``."""
+        base = self.state.root / org / repo
+        query = dict(p.split("=", 1) for p in urlsplit(self.path).query.split("&") if "=" in p)
+        logical = f"api/{org}/{repo}/tree"
+        if not base.is_dir():
+            return self._plain(logical, 404, b'{"error": "Repository not found"}', None)
+        items: list[dict[str, Any]] = []
+        for p in sorted(base.rglob("*")):
+            rel = p.relative_to(base).as_posix()
+            if p.is_dir():
+                items.append({"type": "directory", "oid": "0" * 40, "size": 0, "path": rel})
+                continue
+            data = p.read_bytes()
+            item: dict[str, Any] = {"type": "file", "oid": git_blob_id(data), "size": len(data), "path": rel}
+            if is_lfs(p):
+                item["lfs"] = {"oid": hashlib.sha256(data).hexdigest(), "size": len(data), "pointerSize": 134}
+            items.append(item)
+        start = int(query.get("cursor", "0"))
+        page = items[start : start + self.state.tree_page]
+        headers = {"Content-Type": "application/json"}
+        if start + self.state.tree_page < len(items):
+            nxt = f"http://127.0.0.1:{self.server.server_address[1]}/api/{kind}/{org}/{repo}/tree/{rev}?recursive=true&cursor={start + self.state.tree_page}"
+            headers["Link"] = f'<{nxt}>; rel="next"'
+        self._plain(logical, 200, json.dumps(page).encode(), None, headers)
+        return None
+
+    def _file(self, rel: str, file: Path, fault: Fault | None, extra: dict[str, str] | None = None) -> None:
         content: bytes | None = None
         if fault and fault.kind == "lfs_pointer":
             content = LFS_POINTER_TEXT
@@ -247,9 +310,21 @@ class _Handler(BaseHTTPRequestHandler):
                     return
                 status = 206
         length = end - start + 1
+        if fault and fault.kind == "no_length":
+            self.send_response(200)
+            self.send_header("Connection", "close")
+            self.end_headers()
+            sent = 0 if self.command == "HEAD" else self._send_file(file, 0, size)
+            self._record(rel, 200, sent, fault)
+            self.close_connection = True
+            return
         self.send_response(status)
         self.send_header("Accept-Ranges", "bytes")
-        self.send_header("ETag", f'"{file.stat().st_mtime_ns:x}-{size:x}"')
+        extra = extra or {}
+        self.send_header("ETag", extra.get("ETag", f'"{file.stat().st_mtime_ns:x}-{size:x}"'))
+        for k, v in extra.items():
+            if k != "ETag":
+                self.send_header(k, v)
         if status == 206:
             self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
         announced = length + (fault.delta if fault and fault.kind == "wrong_length" else 0)
@@ -316,10 +391,20 @@ class _Handler(BaseHTTPRequestHandler):
 class FaultServer:
     """A threaded HTTP/1.1 server on 127.0.0.1 serving ``root`` (see the module doc)."""
 
-    def __init__(self, root: Path, *, rate_bps: int | None = None, hf: bool = False, port: int = 0) -> None:
-        self.state = _State(Path(root), rate_bps, hf)
+    def __init__(
+        self,
+        root: Path,
+        *,
+        rate_bps: int | None = None,
+        hf: bool = False,
+        port: int = 0,
+        host: str = "127.0.0.1",
+        cdn: str | None = None,
+    ) -> None:
+        self.state = _State(Path(root), rate_bps, hf, cdn=cdn)
         handler = type("Handler", (_Handler,), {"state": self.state})
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", port), handler)
+        self.host = host
+        self.httpd = ThreadingHTTPServer((host, port), handler)
         self.httpd.daemon_threads = True
         self.thread: threading.Thread | None = None
 
@@ -329,7 +414,7 @@ class FaultServer:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     @property
     def root(self) -> Path:

@@ -8,9 +8,6 @@ import random
 from pathlib import Path
 
 import pytest
-
-from bootstrap.errors import ConfigError
-from bootstrap.manifest import ModelFile
 from bootstrap.timing import (
     PHASES,
     SEGMENTS,
@@ -28,6 +25,9 @@ from bootstrap.timing import (
     table,
 )
 from bootstrap.timing.report import machine_info
+
+from bootstrap.errors import ConfigError
+from bootstrap.manifest import ModelFile
 from bootstrap.volume import Volume
 from tests.helpers import SHARED_UV_CACHE, base_environ, run_bootstrap, seed_uv_cache
 

@@ -23,7 +23,7 @@ from bootstrap.plan import Capability, Plan
 from bootstrap.settings import Settings
 from bootstrap.timeline import Timeline
 from bootstrap.volume import Volume
-from bootstrap.weights import FetchOptions, check_verified, ensure_weights, verified_record_path
+from bootstrap.weights import FetchOptions, ensure_weights, verified_record_path, why_unverified
 from bootstrap.weights.transfer import write_journal
 from tests.helpers import can_mount_tmpfs, free_port, tmpfs
 from tests.httpserver import FaultServer
@@ -345,8 +345,8 @@ def test_corrupted_published_file_is_quarantined_and_fetched_again(
     from bootstrap.manifest import load_manifest
 
     (f,) = load_manifest(boot.manifest)
-    assert "sniff" in (check_verified(boot.volume, f) or "") or "bytes" in (
-        check_verified(boot.volume, f) or ""
+    assert "sniff" in (why_unverified(boot.volume, f) or "") or "bytes" in (
+        why_unverified(boot.volume, f) or ""
     )
     boot.run()
     assert_published(boot)

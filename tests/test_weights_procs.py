@@ -238,3 +238,50 @@ def test_tmpfs_too_small_exits_11_before_download(
         models = volume / ".bootstrap" / "models"
         assert [p for p in models.rglob("*") if p.is_file()] == []
         assert not list((volume / ".bootstrap" / "leases").glob("file-*"))
+
+
+def test_eight_workers_publish_a_repo_once(tmp_path: Path, env_volume_factory: Any) -> None:
+    """Eight real ``bootstrap run --until weights`` race for one ``[[repo]]``: one fetches it,
+    the others wait and use it; nothing is ever half-published."""
+    import numpy as np
+
+    from tests.test_weights_verify import safetensors_bytes
+
+    pin = "4dccd71e17017ccad11b92171f5f24aa408a1407"
+    files = {
+        "config.json": b'{"d_model": 8}\n',
+        "model.safetensors": safetensors_bytes(
+            {"w": np.random.default_rng(0).standard_normal((1024, 4096), dtype=np.float32)}
+        ),  # 16 MB
+        "sub/vocab.txt": b"a\nb\nc\n",
+    }
+    root = tmp_path / "hub"
+    for rel, data in files.items():
+        (root / "org" / "r" / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / "org" / "r" / rel).write_bytes(data)
+    volume = env_volume_factory(tmp_path / "vol", (CAP,))
+    man = tmp_path / "models.toml"
+    man.write_text(f'[[repo]]\ndest = "w/r"\nsource = "hf://org/r?revision={pin}"\ncapability = "{CAP}"\n')
+    with FaultServer(root, hf=True, rate_bps=4_000_000) as hub:
+        results = _run_many(8, volume, man, HF_ENDPOINT=hub.url)
+        for r in results:
+            assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+        for rel, data in files.items():
+            assert hub.bytes_sent(f"org/r/{rel}") <= 1.05 * len(data), rel
+    fetched = [w for w in range(8) if weights_end(volume, f"w{w}")["detail"]["fetched"] == ["w/r"]]
+    assert len(fetched) == 1
+    models = volume / ".bootstrap" / "models"
+    rec = json.loads((models / ".verified" / "w" / "r.json").read_text())
+    assert {i["path"]: i["sha256"] for i in rec["files"]} == {
+        rel: hashlib.sha256(data).hexdigest() for rel, data in files.items()
+    }
+    for rel, data in files.items():
+        assert (models / "w" / "r" / rel).read_bytes() == data
+    assert not [p for p in (models / "w").iterdir() if p.name.startswith(".")]
+    for w in range(8):  # every worker's plan points at the one published directory
+        plan = (
+            json.loads((volume / ".bootstrap" / "state" / f"w{w}.json").read_text())
+            if (volume / ".bootstrap" / "state" / f"w{w}.json").exists()
+            else None
+        )
+        assert plan is None or plan["models"]["w/r"] == str(models / "w" / "r")

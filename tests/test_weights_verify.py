@@ -14,7 +14,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from bootstrap.weights.verify import BadFile, check_format, sniff, sniff_bytes, zip_members
+from bootstrap.weights.verify import BadFile, check_format, sniff_bytes, sniff_problem, zip_members
 from tests.httpserver import HTML_TEXT, JSON_TEXT, LFS_POINTER_TEXT
 
 
@@ -115,10 +115,13 @@ def test_sniff_rejects(content: bytes, fmt: str, words: str) -> None:
 
 
 def test_sniff_accepts_real_files(tmp_path: Path) -> None:
-    assert sniff(write(tmp_path, "a.onnx", onnx_bytes()), "onnx") is None
-    assert sniff(write(tmp_path, "a.st", safetensors_bytes({"w": np.ones((2, 3))})), "safetensors") is None
-    assert sniff(write(tmp_path, "a.zip", zip_bytes({"a.onnx": onnx_bytes()})), "zip") is None
-    assert sniff(write(tmp_path, "cfg.json", b'{"a": 1}'), "raw") is None
+    assert sniff_problem(write(tmp_path, "a.onnx", onnx_bytes()), "onnx") is None
+    assert (
+        sniff_problem(write(tmp_path, "a.st", safetensors_bytes({"w": np.ones((2, 3))})), "safetensors")
+        is None
+    )
+    assert sniff_problem(write(tmp_path, "a.zip", zip_bytes({"a.onnx": onnx_bytes()})), "zip") is None
+    assert sniff_problem(write(tmp_path, "cfg.json", b'{"a": 1}'), "raw") is None
 
 
 def test_safetensors_good_and_bad(tmp_path: Path) -> None:

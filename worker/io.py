@@ -29,7 +29,6 @@ import binascii
 import concurrent.futures
 import http.client
 import io
-import ipaddress
 import re
 import socket
 import ssl
@@ -45,6 +44,7 @@ from urllib.parse import urljoin, urlsplit
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from bootstrap.urls import is_public_address
 from worker.errors import JobError, WorkerFault
 
 if TYPE_CHECKING:
@@ -73,18 +73,6 @@ Resolver = Callable[[str, int], list[str]]
 def _default_resolve(host: str, port: int) -> list[str]:
     infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     return list(dict.fromkeys(str(info[4][0]) for info in infos))
-
-
-def is_public_address(addr: str) -> bool:
-    """True only for globally routable unicast addresses (IPv4-mapped IPv6 judged as IPv4)."""
-    ip = ipaddress.ip_address(addr.split("%", 1)[0])
-    if isinstance(ip, ipaddress.IPv6Address):
-        for embedded in (ip.ipv4_mapped, ip.sixtofour):
-            if embedded is not None:
-                return is_public_address(str(embedded))
-        if ip.teredo is not None:
-            return False
-    return bool(ip.is_global) and not ip.is_multicast
 
 
 def _shown(url: str) -> str:

@@ -13,7 +13,7 @@ from bootstrap.diagnose.model import Check, Status
 from bootstrap.errors import BootstrapError
 from bootstrap.manifest import ModelFile, load_manifest, selected
 from bootstrap.volume import Volume
-from bootstrap.weights import check_verified
+from bootstrap.weights import why_unverified
 
 
 @dataclass(frozen=True)
@@ -77,7 +77,7 @@ def check_weights(ctx: Context) -> list[Check]:
     for f in files:
         copies = [q for q in quarantine if _matches(q, f)]
         claimed.update(q.path for q in copies)
-        why = check_verified(vol, f)
+        why = why_unverified(vol, f)
         target = vol.models / f.published_dest
         if why is None:
             extra = f"; {len(copies)} earlier bad copies in quarantine" if copies else ""

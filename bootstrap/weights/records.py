@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from bootstrap.atomic import write_json_atomic
-from bootstrap.manifest import ModelFile
+from bootstrap.manifest import ModelFile, ModelRepo
 from bootstrap.volume import Volume
-from bootstrap.weights.verify import format_for, sniff
+from bootstrap.weights.verify import format_for, sniff_problem
 
 
 def verified_record_path(volume: Volume, dest: str) -> Path:
@@ -34,12 +34,15 @@ def read_record(volume: Volume, dest: str) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def check_verified(volume: Volume, f: ModelFile) -> str | None:
-    """Why ``f`` is not usable as it is on the volume, or None when it is.
+def why_unverified(volume: Volume, f: ModelFile | ModelRepo) -> str | None:
+    """Why ``f`` (a file or a repo) is not usable as it is, or None when it is.
 
-    Usable: its record exists, and every recorded file is there with the recorded size and
-    passes the format sniff. No hashing, no network.
+    Usable: its record exists, and every recorded file is there (on the volume, or at the
+    record's ``location`` in the HF cache) with the recorded size and passes the format sniff.
+    No hashing, no network.
     """
+    if isinstance(f, ModelRepo):
+        return _why_repo_unverified(volume, f)
     record_path = verified_record_path(volume, f.published_dest)
     try:
         record = json.loads(record_path.read_text(encoding="utf-8"))
@@ -55,7 +58,7 @@ def check_verified(volume: Volume, f: ModelFile) -> str | None:
     pinned = record.get("zip", {}).get("sha256") if f.format == "zip" else record.get("sha256")
     if f.sha256 and pinned != f.sha256:
         return f"the manifest pins sha256 {f.sha256}, the verified copy has {pinned}"
-    target = volume.models / f.published_dest
+    target = Path(record["location"]) if record.get("location") else volume.models / f.published_dest
     if f.format == "zip":
         files = record.get("files")
         if not isinstance(files, list) or not files:
@@ -69,6 +72,45 @@ def check_verified(volume: Volume, f: ModelFile) -> str | None:
     return _check_one(target, record.get("size"), f.format)
 
 
+def _why_repo_unverified(volume: Volume, r: ModelRepo) -> str | None:
+    record = read_record(volume, r.dest)
+    if record is None:
+        return "not fetched yet (no readable .verified record)"
+    if record.get("manifest_source") != r.source:
+        return "the manifest names another source or revision than the verified copy came from"
+    if record.get("include") != list(r.include):
+        return "the manifest's include globs changed since the copy was verified"
+    files = record.get("files")
+    if not isinstance(files, list) or not files:
+        return "its .verified record lists no files"
+    if r.files and sorted(str(i.get("path")) for i in files) != sorted(r.files):
+        return "the manifest's files list changed since the copy was verified"
+    root = Path(record["location"]) if record.get("location") else volume.models / r.dest
+    for item in files:
+        why = repo_file_problem(root, item)
+        if why:
+            return why
+    return None
+
+
+def repo_file_problem(root: Path, item: dict[str, Any]) -> str | None:
+    """Why one recorded file of a repo is not as recorded (size, and the sniff of its format;
+    a small non-LFS file of no known format is checked by size, its content was hashed once)."""
+    rel = str(item.get("path", ""))
+    fmt = format_for(rel)
+    if fmt == "raw" and not item.get("lfs"):
+        try:
+            size = (root / rel).stat().st_size
+        except OSError:
+            return f"{root / rel} is missing"
+        return (
+            None
+            if size == item.get("size")
+            else f"{root / rel} is {size} bytes, but {item.get('size')} were verified"
+        )
+    return _check_one(root / rel, item.get("size"), fmt)
+
+
 def _check_one(path: Path, size: object, fmt: str) -> str | None:
     try:
         st = path.stat()
@@ -78,7 +120,7 @@ def _check_one(path: Path, size: object, fmt: str) -> str | None:
         return f"{path} is unreadable: {err.strerror or err}"
     if st.st_size != size:
         return f"{path} is {st.st_size} bytes, but {size} were verified"
-    why = sniff(path, fmt)
+    why = sniff_problem(path, fmt)
     if why:
         return f"{path} fails the {fmt} sniff: {why}"
     return None

@@ -12,9 +12,9 @@ source will not give the file: 404, 403, a wrong size; try the next source).
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import http.client
-import ipaddress
 import os
 import re
 import socket
@@ -28,6 +28,17 @@ from typing import Any, Protocol
 from urllib.parse import quote, unquote, urljoin, urlsplit
 
 from bootstrap.errors import ConfigError
+from bootstrap.urls import (
+    HEX40,
+    NotHfRef,
+    is_loopback_host,
+    is_public_address,
+    origin,
+    parse_hf,
+    scheme_of,
+    scrub_passwords,
+    shown,
+)
 
 HF_DEFAULT_ENDPOINT = "https://huggingface.co"
 USER_AGENT = "volume-worker-bootstrap/1"
@@ -57,6 +68,8 @@ class Probe:
     sha256: str | None = None
     #: an opaque version tag (HTTP ETag, S3 ETag), to match a journal against
     etag: str | None = None
+    #: the git blob id the Hub gives a non-LFS file (its ETag when no X-Linked-Etag came)
+    blob: str | None = None
 
 
 class Response(Protocol):
@@ -87,15 +100,6 @@ class Source(Protocol):
     def connect(self) -> Connection: ...
 
 
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
 def _retry_after(value: str | None) -> float | None:
     if not value:
         return None
@@ -112,26 +116,79 @@ def _retry_after(value: str | None) -> float | None:
 # -- HTTP(S) -----------------------------------------------------------------------------------
 
 
-def _new_connection(url: str, timeout: float) -> http.client.HTTPConnection:
+Resolver = Callable[[str, int], list[str]]
+
+
+def default_resolve(host: str, port: int) -> list[str]:
+    """Every address ``host`` has (``getaddrinfo``), in the resolver's order."""
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return list(dict.fromkeys(str(info[4][0]) for info in infos))
+
+
+@dataclass(frozen=True)
+class AddressPolicy:
+    """How hosts are resolved and judged; injectable so tests never need a real DNS name."""
+
+    resolve: Resolver = default_resolve
+    is_public: Callable[[str], bool] = is_public_address
+
+
+def _addresses(url: str, policy: AddressPolicy) -> list[str]:
+    """The addresses of ``url``'s host. A name that does not resolve fails at once: retrying a
+    lookup with no answer only spends the boot's budget (`SourceFailed`, not `Transient`)."""
     parts = urlsplit(url)
     host = parts.hostname or ""
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        addrs = policy.resolve(host, port)
+    except (OSError, UnicodeError) as err:
+        raise SourceFailed(f"its host name does not resolve ({err})") from None
+    if not addrs:
+        raise SourceFailed("its host name has no address")
+    return addrs
+
+
+def _new_connection(url: str, timeout: float, addrs: list[str]) -> http.client.HTTPConnection:
+    """A connection to ``url``'s host that connects only to ``addrs`` (the addresses checked),
+    so no second lookup can answer differently; TLS still checks the certificate for the name."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    conn: http.client.HTTPConnection
     if parts.scheme == "https":
-        return http.client.HTTPSConnection(
+        conn = http.client.HTTPSConnection(
             host, parts.port, timeout=timeout, context=ssl.create_default_context()
         )
-    if parts.scheme == "http" and is_loopback(host):
-        return http.client.HTTPConnection(host, parts.port, timeout=timeout)
-    raise SourceFailed(f"{parts.scheme}://{host}: only https:// (or http:// on loopback) is fetched")
+    elif parts.scheme == "http" and is_loopback_host(host):
+        conn = http.client.HTTPConnection(host, parts.port, timeout=timeout)
+    else:
+        raise SourceFailed(f"{shown(url)}: only https:// (or http:// on loopback) is fetched")
+
+    def create_connection(address: tuple[str, int], *args: Any, **kw: Any) -> socket.socket:
+        last: OSError | None = None
+        for addr in addrs:
+            try:
+                return socket.create_connection((addr, address[1]), *args, **kw)
+            except OSError as err:
+                last = err
+        assert last is not None
+        raise last
+
+    conn._create_connection = create_connection  # type: ignore[attr-defined]
+    return conn
+
+
+def _redirect(url: str, location: str) -> str:
+    """The next hop; only https:// (or http:// between loopback hosts) may follow."""
+    target = urljoin(url, location)
+    scheme = scheme_of(target)
+    if scheme == "https" or (scheme == "http" and is_loopback_host(urlsplit(target).hostname or "")):
+        return target
+    raise SourceFailed(f"redirected to {shown(target)}: only https:// is followed")
 
 
 def _path_of(url: str) -> str:
     parts = urlsplit(url)
     return (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-
-
-def _host_key(url: str) -> tuple[str, str, int | None]:
-    p = urlsplit(url)
-    return (p.scheme, p.hostname or "", p.port)
 
 
 def _status_error(status: int, reason: str, headers: Any, what: str) -> Exception:
@@ -182,9 +239,9 @@ class HTTPConnection:
         self.url = source.data_url or source.url
 
     def _request(self, method: str, url: str, headers: dict[str, str]) -> http.client.HTTPResponse:
-        if self.conn is None or _host_key(url) != _host_key(self.url):
+        if self.conn is None or origin(url) != origin(self.url):
             self.close()
-            self.conn = _new_connection(url, self.source.timeout_s)
+            self.conn = _new_connection(url, self.source.timeout_s, self.source.checked_addresses(url))
             self.url = url
         try:
             self.conn.request(method, _path_of(url), headers=self.source.headers_for(url, headers))
@@ -200,11 +257,11 @@ class HTTPConnection:
             resp = self._request("GET", url, headers)
             if resp.status in (301, 302, 303, 307, 308) and resp.getheader("Location"):
                 resp.read()
-                url = urljoin(url, resp.getheader("Location", ""))
+                url = _redirect(url, resp.getheader("Location", ""))
                 continue
             break
         else:
-            raise SourceFailed(f"{self.source.label}: too many redirects")
+            raise SourceFailed("too many redirects")
         size = self.source.size
         if resp.status == 206:
             m = _CONTENT_RANGE.fullmatch(resp.getheader("Content-Range", "").strip())
@@ -232,7 +289,7 @@ class HTTPConnection:
                 self.close()
                 raise Transient(f"Content-Length {resp.length} is not the file's size {size}")
             return _HTTPBody(resp, True, resp.length, self.close)
-        err = _status_error(resp.status, resp.reason, resp.headers, self.source.label)
+        err = _status_error(resp.status, resp.reason, resp.headers, "GET")
         resp.read()
         if resp.will_close:
             self.close()
@@ -240,7 +297,7 @@ class HTTPConnection:
         # resolve the original URL again and retry on the fresh one.
         expired = resp.status in (401, 403, 410) and self.source.data_url not in (None, self.source.url)
         if expired and self.source.refresh(url):
-            raise Transient(f"{self.source.label}: the redirect target expired; resolved it again")
+            raise Transient("the redirect target expired; resolved it again")
         raise err
 
     def close(self) -> None:
@@ -260,13 +317,26 @@ class HTTPSource:
         token: str | None = None,
         hub: bool = False,
         timeout_s: float = 30.0,
+        policy: AddressPolicy | None = None,
     ) -> None:
         self.url = url
-        self.label = label or url
+        self.label = label or shown(url)
         self.token = token
         self.hub = hub
         self.timeout_s = timeout_s
-        self.token_host = urlsplit(url).hostname
+        self.policy = policy or AddressPolicy()
+        #: credentials are bound to the origin (scheme, host, port) they were given for
+        self.token_origin = origin(url)
+        parts = urlsplit(url)
+        self.basic = (
+            base64.b64encode(
+                f"{unquote(parts.username or '')}:{unquote(parts.password or '')}".encode()
+            ).decode()
+            if parts.password is not None
+            else None
+        )
+        #: None until the source's own host was resolved: are its addresses all public?
+        self._origin_public: bool | None = None
         #: where GETs go after the probe followed redirects (a CDN for Hub LFS files)
         self.data_url: str | None = None
         self.size: int | None = None
@@ -274,10 +344,36 @@ class HTTPSource:
 
     def headers_for(self, url: str, extra: dict[str, str]) -> dict[str, str]:
         headers = {"User-Agent": USER_AGENT, "Accept-Encoding": "identity", **extra}
-        # The token goes only to the host it belongs to, never to a redirect's CDN.
-        if self.token and urlsplit(url).hostname == self.token_host:
-            headers["Authorization"] = f"Bearer {self.token}"
+        # Credentials go only to the origin they belong to (scheme, host and port), never to a
+        # redirect's CDN or another port of the same host.
+        if origin(url) == self.token_origin:
+            if self.token:
+                headers["Authorization"] = f"Bearer {self.token}"
+            elif self.basic:
+                headers["Authorization"] = f"Basic {self.basic}"
         return headers
+
+    def checked_addresses(self, url: str) -> list[str]:
+        """The addresses to connect to for ``url``, after the checks every hop gets.
+
+        A source whose own host is public may only be redirected to public addresses (a
+        redirect to ``http://localhost`` or the cloud metadata address is refused); an operator's
+        own private or loopback host may redirect within its network.
+        """
+        if self._origin_public is None:
+            own = _addresses(self.url, self.policy)
+            self._origin_public = all(self.policy.is_public(a) for a in own)
+            if origin(url) == origin(self.url):
+                return own
+        addrs = _addresses(url, self.policy)
+        if self._origin_public and origin(url) != origin(self.url):
+            bad = [a for a in addrs if not self.policy.is_public(a)]
+            if bad:
+                raise SourceFailed(
+                    f"redirected to {shown(url)}, which resolves to {bad[0]}, a loopback, private or "
+                    "reserved address: refused"
+                )
+        return addrs
 
     def probe(self) -> Probe:
         """HEAD (following redirects by hand, so the Hub's X-Linked-* headers are seen)."""
@@ -292,27 +388,26 @@ class HTTPSource:
                 linked_size = linked_size or resp.getheader("X-Linked-Size")
                 linked_etag = linked_etag or resp.getheader("X-Linked-Etag")
                 if resp.status in (301, 302, 303, 307, 308) and resp.getheader("Location"):
-                    url = urljoin(url, resp.getheader("Location", ""))
+                    url = _redirect(url, resp.getheader("Location", ""))
                     continue
                 break
             else:
-                raise SourceFailed(f"{self.label}: too many redirects")
+                raise SourceFailed("too many redirects")
             if resp.status in (405, 501):
                 return self._probe_by_get(conn, url)
             if resp.status != 200:
-                raise _status_error(resp.status, resp.reason, resp.headers, self.label)
+                raise _status_error(resp.status, resp.reason, resp.headers, "HEAD")
             etag = _clean_etag(linked_etag or resp.getheader("ETag"))
             size_text = linked_size or resp.getheader("Content-Length")
             size = int(size_text) if size_text and size_text.isdigit() else None
             host_length = resp.getheader("Content-Length", "")
             if self.hub and linked_size and host_length.isdigit() and int(host_length) != size:
-                raise SourceFailed(
-                    f"{self.label}: the Hub says {size} bytes but the file's host says {host_length}"
-                )
+                raise SourceFailed(f"the Hub says {size} bytes but the file's host says {host_length}")
             sha = etag if (self.hub and etag and _HEX64.fullmatch(etag)) else None
+            blob = etag if (self.hub and not linked_etag and etag and HEX40.fullmatch(etag)) else None
             self.data_url = url
             self.size = size
-            return Probe(size=size, sha256=sha, etag=etag)
+            return Probe(size=size, sha256=sha, etag=etag, blob=blob)
         finally:
             conn.close()
 
@@ -411,7 +506,7 @@ class S3Source:
                     import boto3  # lazily: only an s3:// source needs it
                     from botocore.config import Config
                 except ImportError as err:
-                    raise SourceFailed(f"{self.label}: boto3 is not installed ({err})") from None
+                    raise SourceFailed(f"boto3 is not installed ({err})") from None
                 env = self.environ
                 session = boto3.session.Session(
                     aws_access_key_id=env.get("AWS_ACCESS_KEY_ID") or None,
@@ -440,16 +535,12 @@ class S3Source:
             code = str(response.get("Error", {}).get("Code", ""))
             status = int(response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
             if status == 429 or status >= 500 or code in {"SlowDown", "Throttling", "RequestTimeout"}:
-                return Transient(f"{self.label}: {code or status}")
-            return SourceFailed(
-                f"{self.label}: {code or status} (check the bucket, key and AWS_* credentials)"
-            )
+                return Transient(f"{code or status}")
+            return SourceFailed(f"{code or status} (check the bucket, key and AWS_* credentials)")
         name = type(err).__name__
         if name in {"NoCredentialsError", "PartialCredentialsError"}:
-            return SourceFailed(
-                f"{self.label}: no AWS credentials (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)"
-            )
-        return Transient(f"{self.label}: {name}: {err}")
+            return SourceFailed("no AWS credentials (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)")
+        return Transient(f"{name}: {err}")
 
     def probe(self) -> Probe:
         try:
@@ -493,7 +584,7 @@ class FileConnection:
             try:
                 self.fd = os.open(self.source.path, os.O_RDONLY)
             except OSError as err:
-                raise SourceFailed(f"{self.source.label}: {err.strerror or err}") from None
+                raise SourceFailed(f"{err.strerror or err}") from None
         size = os.fstat(self.fd).st_size
         return _FileBody(self.fd, start, size - 1 if end is None else end)
 
@@ -512,9 +603,9 @@ class FileSource:
         try:
             st = self.path.stat()
         except OSError as err:
-            raise SourceFailed(f"{self.label}: {err.strerror or err}") from None
+            raise SourceFailed(f"{err.strerror or err}") from None
         if not self.path.is_file():
-            raise SourceFailed(f"{self.label}: not a file")
+            raise SourceFailed("not a file")
         return Probe(size=st.st_size, etag=f"{st.st_mtime_ns}-{st.st_size}")
 
     def connect(self) -> Connection:
@@ -524,74 +615,91 @@ class FileSource:
 # -- parsing -----------------------------------------------------------------------------------
 
 
-def hf_url(source: str, endpoint: str) -> str:
-    """``hf://[datasets/|spaces/]ORG/REPO/PATH?revision=REV`` → the Hub's resolve URL."""
-    parts = urlsplit(source)
-    segments = [s for s in (parts.netloc + parts.path).split("/") if s]
-    prefix = ""
-    if segments and segments[0] in ("datasets", "spaces"):
-        prefix, segments = segments[0] + "/", segments[1:]
-    if len(segments) < 3:
-        raise ConfigError(
-            f"{source!r} is not hf://ORG/REPO/PATH?revision=COMMIT",
-            hint="e.g. hf://org/repo/model.onnx?revision=<40-hex commit>",
-        )
-    query = dict(p.split("=", 1) for p in parts.query.split("&") if "=" in p)
-    revision = unquote(query.get("revision", "main"))
-    repo = "/".join(segments[:2])
-    path = "/".join(segments[2:])
-    return f"{endpoint.rstrip('/')}/{prefix}{repo}/resolve/{quote(revision, safe='')}/{quote(path)}"
+KNOWN_SCHEMES = ("hf", "https", "http", "s3", "file")
 
 
-def make_source(url: str, environ: Mapping[str, str], *, timeout_s: float = 30.0) -> Source:
+def make_source(
+    url: str, environ: Mapping[str, str], *, timeout_s: float = 30.0, policy: AddressPolicy | None = None
+) -> Source:
     """A `Source` for a manifest or mirror URL; `ConfigError` when it cannot be one."""
     parts = urlsplit(url)
-    scheme = parts.scheme
+    scheme = scheme_of(url)
     if scheme == "hf":
         endpoint = (environ.get("HF_ENDPOINT") or HF_DEFAULT_ENDPOINT).strip()
-        resolved = hf_url(url, endpoint)
+        try:
+            resolved = parse_hf(url).resolve_url(endpoint)
+        except NotHfRef as err:
+            raise ConfigError(
+                str(err), hint="e.g. hf://org/repo/model.onnx?revision=<40-hex commit>"
+            ) from None
         _check_http(resolved, "HF_ENDPOINT")
         return HTTPSource(
-            resolved, label=url, token=environ.get("HF_TOKEN") or None, hub=True, timeout_s=timeout_s
+            resolved,
+            label=url,
+            token=environ.get("HF_TOKEN") or None,
+            hub=True,
+            timeout_s=timeout_s,
+            policy=policy,
         )
     if scheme in ("https", "http"):
         _check_http(url, "the source")
-        return HTTPSource(url, label=_strip_query(url), timeout_s=timeout_s)
+        return HTTPSource(url, label=shown(url), timeout_s=timeout_s, policy=policy)
     if scheme == "s3":
         key = parts.path.lstrip("/")
         if not parts.netloc or not key:
-            raise ConfigError(f"{url!r} is not s3://BUCKET/KEY", hint="e.g. s3://my-bucket/models/x.onnx")
+            raise ConfigError(
+                f"{shown(url)!r} is not s3://BUCKET/KEY", hint="e.g. s3://my-bucket/models/x.onnx"
+            )
         return S3Source(parts.netloc, unquote(key), environ, timeout_s=timeout_s)
     if scheme == "file":
         return FileSource(Path(unquote(parts.path)))
-    raise ConfigError(f"{url!r}: unsupported scheme {scheme!r}", hint="use hf://, https://, s3:// or file://")
+    raise ConfigError(
+        f"{shown(url)!r}: unsupported scheme {scheme!r}", hint="use hf://, https://, s3:// or file://"
+    )
 
 
 def _check_http(url: str, what: str) -> None:
     parts = urlsplit(url)
-    if parts.scheme == "http" and not is_loopback(parts.hostname or ""):
+    scheme = scheme_of(url)
+    if scheme == "http" and not is_loopback_host(parts.hostname or ""):
         raise ConfigError(
-            f"{what} {_strip_query(url)!r} is plain http:// to a non-loopback host",
+            f"{what} {shown(url)!r} is plain http:// to a non-loopback host",
             hint="use https:// (plain http is only accepted on 127.0.0.1 for tests)",
         )
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError(f"{what} {_strip_query(url)!r} is not an https:// URL", hint="use https://HOST/...")
+    if scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"{what} {shown(url)!r} is not an https:// URL", hint="use https://HOST/...")
 
 
-def _strip_query(url: str) -> str:
-    """A URL fit for logs: no query string (presigned URLs carry credentials there), no userinfo."""
-    p = urlsplit(url)
-    host = p.hostname or ""
-    if p.port:
-        host = f"{host}:{p.port}"
-    return f"{p.scheme}://{host}{p.path}"
+def check_mirror(mirror: str) -> None:
+    """`ConfigError` (exit 2) unless ``BOOTSTRAP_MIRROR`` is a directory, https://, s3:// or file://.
+
+    Schemes are case-insensitive (``HTTPS://`` is https); anything else with ``://`` is refused
+    rather than taken for a directory name (which would print its password in every path).
+    """
+    scheme = scheme_of(mirror)
+    hint = "set BOOTSTRAP_MIRROR to a directory, an https:// base, s3://bucket/prefix or file:///dir"
+    if not scheme:
+        if "://" in mirror:
+            raise ConfigError(
+                f"BOOTSTRAP_MIRROR {scrub_passwords(mirror)!r} is not a URL or a directory", hint=hint
+            )
+        return
+    if scheme in ("https", "http"):
+        _check_http(mirror, "BOOTSTRAP_MIRROR")
+    elif scheme == "s3":
+        if not urlsplit(mirror).netloc:
+            raise ConfigError(f"BOOTSTRAP_MIRROR {shown(mirror)!r} is not s3://BUCKET[/PREFIX]", hint=hint)
+    elif scheme != "file":
+        raise ConfigError(f"BOOTSTRAP_MIRROR {shown(mirror)!r}: unsupported scheme {scheme!r}", hint=hint)
 
 
 def mirror_url(mirror: str, dest: str) -> str:
     """Where ``BOOTSTRAP_MIRROR`` holds ``dest``: a directory, an https:// base or s3://bucket/prefix."""
-    if mirror.startswith(("https://", "http://", "s3://")):
+    check_mirror(mirror)
+    scheme = scheme_of(mirror)
+    if scheme in ("https", "http", "s3"):
         return mirror.rstrip("/") + "/" + quote(dest)
-    if mirror.startswith("file://"):
+    if scheme == "file":
         mirror = unquote(urlsplit(mirror).path)
     return Path(mirror, dest).resolve().as_uri()
 

@@ -37,9 +37,11 @@ from typing import Any
 
 from bootstrap.atomic import write_atomic
 from bootstrap.lease import stale_after_s, writer_is_dead
-from bootstrap.weights.sources import Connection, Probe, Source, SourceFailed, Transient
+from bootstrap.weights.sources import AddressPolicy, Connection, Probe, Source, SourceFailed, Transient
 
 CHUNK = 1024 * 1024
+#: a body of unknown size checks free space each time it grows by this much
+UNKNOWN_SPACE_EVERY = 4 * CHUNK
 JOURNAL_VERSION = 1
 
 
@@ -61,12 +63,16 @@ class FetchOptions:
     backoff_s: float = 0.5
     sync_every_s: float = 1.0
     progress_every_s: float = 5.0
+    #: most bytes taken from a source that announces no size (free space is checked as it grows)
+    max_unknown_bytes: int = 64 * 10**9
+    #: how hosts are resolved and judged (every redirect hop is checked too)
+    addresses: AddressPolicy = field(default_factory=AddressPolicy)
 
     def retry_delay(self, err: Transient, failures: int, label: str) -> float:
         """The wait before try ``failures + 1`` (the server's Retry-After, else exponential
         backoff up to 10 s), or `SourceFailed` once the retries are spent."""
         if failures > self.retries:
-            raise SourceFailed(f"{label}: gave up after {failures} failures: {err}") from None
+            raise SourceFailed(f"gave up after {failures} failures: {err}") from None
         if err.retry_after is not None:
             return float(min(err.retry_after, self.max_retry_after_s))
         return min(self.backoff_s * 2.0 ** (failures - 1), 10.0)
@@ -170,6 +176,7 @@ class Transfer:
         *,
         on_bytes: Callable[[int], None] = lambda n: None,
         abort: threading.Event | None = None,
+        space_check: Callable[[], object] = lambda: None,
     ) -> None:
         self.source = source
         self.data = data
@@ -178,6 +185,7 @@ class Transfer:
         self.options = options
         self.on_bytes = on_bytes
         self.abort = abort or threading.Event()
+        self.space_check = space_check
         self.stop = threading.Event()
         self.lock = threading.Condition()
         self.error: BaseException | None = None
@@ -425,6 +433,13 @@ class Transfer:
                 n = body.readinto(mv)
                 if n == 0:
                     break
+                if pos + n > self.options.max_unknown_bytes:
+                    raise SourceFailed(
+                        f"sent more than {self.options.max_unknown_bytes} bytes without announcing a size: "
+                        "refused (give the size in the manifest)"
+                    )
+                if pos == 0 or pos // UNKNOWN_SPACE_EVERY != (pos + n) // UNKNOWN_SPACE_EVERY:
+                    self.space_check()  # no size, so no check before: the reserve is kept while it grows
                 os.pwrite(fd, mv[:n], pos)
                 h.update(mv[:n])
                 pos += n
@@ -434,7 +449,7 @@ class Transfer:
                     raise Aborted("stopped: another required file failed")
             body.close()
         except Transient as err:
-            raise SourceFailed(f"{self.source.label}: {err} (size unknown, so no resume)") from None
+            raise SourceFailed(f"{err} (size unknown, so no resume)") from None
         finally:
             conn.close()
         return h.hexdigest()

@@ -2,7 +2,7 @@
 
 Two levels, both by hand with the standard library (bootstrap never imports onnx):
 
-- `sniff`: cheap (the first KiB and the size), run on every boot, even warm ones. Rejects a
+- `sniff_problem`: cheap (the first KiB and the size), run on every boot, even warm ones. Rejects a
   Git-LFS pointer, an HTML or JSON error page, a compressed stream where a model is expected
   (gzip magic on an ``.onnx``), and a first record that cannot start the declared format.
 - `check_format`: the whole file, run once before publishing. ``onnx``: the ModelProto's
@@ -40,6 +40,10 @@ _SAFETENSORS_DTYPES = {
     "F16": 2, "BF16": 2, "U32": 4, "I32": 4, "F32": 4, "U64": 8, "I64": 8, "F64": 8, "C64": 8,
 }  # fmt: skip
 MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024
+#: Names the bootstrap itself writes beside or inside what it unpacks; a member named so would be
+#: overwritten, deleted or taken for a dead writer's leftover.
+MARKER_NAMES = (".owner", "READY", "journal")
+TEMP_SUFFIXES = (".part", ".unpack", ".tmp", ".new", ".stage")
 
 
 class BadFile(Exception):
@@ -83,7 +87,7 @@ def sniff_bytes(head: bytes, size: int, fmt: str) -> str | None:
     return None
 
 
-def sniff(path: Path, fmt: str) -> str | None:
+def sniff_problem(path: Path, fmt: str) -> str | None:
     """`sniff_bytes` on a file: None when its start and size fit ``fmt``."""
     try:
         with open(path, "rb") as f:
@@ -266,6 +270,9 @@ def safe_member(name: str) -> str | None:
         return f"member {name!r} has an absolute or Windows path"
     if ".." in p.parts:
         return f"member {name!r} climbs out of the directory with '..'"
+    base = p.name
+    if base in MARKER_NAMES or (base.startswith(".") and base.endswith(TEMP_SUFFIXES)):
+        return f"member {name!r} is named like the bootstrap's own marker or temporary files"
     return None
 
 
@@ -295,6 +302,12 @@ def zip_members(path: Path) -> list[zipfile.ZipInfo]:
             seen.add(norm)
             if not info.is_dir():
                 members.append(info)
+        # A file and a directory with one name ("a" and "a/b") cannot both be unpacked.
+        files = {str(PurePosixPath(m.filename)) for m in members}
+        for name in seen:
+            clash = next((str(d) for d in PurePosixPath(name).parents if str(d) in files), None)
+            if clash is not None:
+                raise BadFile(f"zip: {clash!r} is a file and also the directory of {name!r}")
         if not members:
             raise BadFile("zip: the archive holds no files")
         try:
@@ -308,7 +321,7 @@ def zip_members(path: Path) -> list[zipfile.ZipInfo]:
 
 def check_format(path: Path, fmt: str) -> None:
     """Sniff, then the whole-file check for ``fmt``; raise `BadFile` with the reason."""
-    why = sniff(path, fmt)
+    why = sniff_problem(path, fmt)
     if why:
         raise BadFile(why)
     if fmt == "onnx":
