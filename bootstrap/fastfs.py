@@ -112,7 +112,10 @@ def compile_tree(root: Path, *, threads: int = THREADS, procs: int = 1) -> int:
         shares = [sources[i::procs] for i in range(procs)]
         workers = [
             subprocess.Popen(
-                [sys.executable, __file__, "compile-list", str(threads)], stdin=subprocess.PIPE, text=True
+                [sys.executable, __file__, "compile-list", str(threads)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
             )
             for _ in shares
         ]
@@ -120,9 +123,13 @@ def compile_tree(root: Path, *, threads: int = THREADS, procs: int = 1) -> int:
             assert proc.stdin is not None
             proc.stdin.write("\n".join(share))
             proc.stdin.close()
+        total = 0
         for proc in workers:
+            assert proc.stdout is not None
+            total += int(proc.stdout.read().strip() or 0)
+            proc.stdout.close()
             proc.wait()
-        return len(sources)
+        return total
     return _compile_files(sources, threads)
 
 
@@ -130,11 +137,12 @@ def _compile_files(sources: Sequence[str], threads: int) -> int:
     import py_compile
 
     def one(path: str) -> bool:
+        # As compileall: a file that does not compile is left without bytecode (quiet=2 makes
+        # py_compile return None for it instead of raising).
         try:
-            py_compile.compile(path, doraise=True, quiet=2)
-        except (py_compile.PyCompileError, OSError, ValueError, SyntaxError):
-            return False  # as compileall: a file that does not compile is left without bytecode
-        return True
+            return py_compile.compile(path, quiet=2) is not None
+        except OSError:
+            return False
 
     with ThreadPoolExecutor(threads) as pool:
         return sum(pool.map(one, sources))
@@ -210,7 +218,7 @@ def main(argv: Sequence[str]) -> int:
         print(compile_tree(Path(argv[1]), threads=threads, procs=procs))
         return 0
     if argv[:1] == ["compile-list"] and len(argv) == 2:
-        _compile_files([line for line in sys.stdin.read().splitlines() if line], int(argv[1]))
+        print(_compile_files([line for line in sys.stdin.read().splitlines() if line], int(argv[1])))
         return 0
     print("usage: fastfs.py compile DIR [THREADS [PROCS]]", file=sys.stderr)
     return 2
