@@ -211,7 +211,8 @@ def prefetch(paths: Iterable[str], *, threads: int = THREADS) -> int:
 
 
 def main(argv: Sequence[str]) -> int:
-    """``compile DIR [THREADS [PROCS]]`` or ``compile-list THREADS`` (paths on stdin)."""
+    """``compile DIR [THREADS [PROCS]]``, ``compile-list THREADS`` (paths on stdin) or
+    ``prefetch ROOT LIST`` (LIST: paths relative to ROOT, one a line)."""
     if argv[:1] == ["compile"] and len(argv) >= 2:
         threads = int(argv[2]) if len(argv) > 2 else THREADS
         procs = int(argv[3]) if len(argv) > 3 else 1
@@ -220,7 +221,13 @@ def main(argv: Sequence[str]) -> int:
     if argv[:1] == ["compile-list"] and len(argv) == 2:
         print(_compile_files([line for line in sys.stdin.read().splitlines() if line], int(argv[1])))
         return 0
-    print("usage: fastfs.py compile DIR [THREADS [PROCS]]", file=sys.stderr)
+    if argv[:1] == ["prefetch"] and len(argv) == 3:
+        # a detached helper at boot: reads ROOT/<each line of LIST> while the worker imports
+        root = Path(argv[1])
+        names = Path(argv[2]).read_text().splitlines()
+        print(prefetch(str(root / n) for n in names if n and not n.startswith("/")))
+        return 0
+    print("usage: fastfs.py compile DIR [THREADS [PROCS]] | prefetch ROOT LIST", file=sys.stderr)
     return 2
 
 

@@ -88,3 +88,13 @@ def test_imported_files_and_prefetch(tmp_path: Path, where: Path) -> None:
     assert str(pkg / "sub" / "__init__.py") in files and str(pkg / "m3.py") in files
     assert str(pkg / "m5.py") not in files  # never imported
     assert fastfs.prefetch([*files, str(where / "missing")]) == sum(Path(f).stat().st_size for f in files)
+    # the boot-time helper form: paths relative to the env root, absolute ones ignored
+    listing = tmp_path / "prefetch.list"
+    listing.write_text("".join(f"{Path(f).relative_to(where / 'lib')}\n" for f in files) + "/etc/hostname\n")
+    out = subprocess.run(
+        [sys.executable, fastfs.__file__, "prefetch", str(where / "lib"), str(listing)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert int(out.stdout) == sum(Path(f).stat().st_size for f in files)
