@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import shutil
 import time
 import uuid
@@ -62,6 +63,59 @@ def mount_point(path: Path) -> Path:
     while not os.path.ismount(p) and p != p.parent:
         p = p.parent
     return p
+
+
+#: filesystems worth naming in a report, by mount type (FUSE mounts also by their source)
+_FS_NAMES = {"fuse.mfs": "MooseFS", "fuse.mfsmount": "MooseFS", "mfs": "MooseFS", "nfs": "NFS", "nfs4": "NFS"}
+
+
+@dataclass(frozen=True)
+class FileSystem:
+    """The mount holding a path, as ``/proc/self/mountinfo`` tells it."""
+
+    mount_point: Path
+    #: the kernel's type: ``fuse`` for MooseFS's ``mfsmount`` (RunPod's network volume), ``ext4``…
+    type: str
+    #: what was mounted: ``mfs#<master>:<port>`` for MooseFS, a device, ``overlay``…
+    source: str
+
+    @property
+    def name(self) -> str:
+        """A human name: ``MooseFS`` for an ``mfsmount`` (type ``fuse``, source ``mfs#…``), else the type."""
+        if self.type.startswith("fuse") and self.source.startswith("mfs#"):
+            return "MooseFS"
+        return _FS_NAMES.get(self.type, self.type or "unknown")
+
+    def describe(self) -> str:
+        """E.g. ``MooseFS (fuse, mfs#10.0.0.1:9421) at /runpod-volume``."""
+        kind = self.name if self.name == self.type else f"{self.name} ({self.type}, {self.source})"
+        return f"{kind} at {self.mount_point}"
+
+
+def _unescape_mountinfo(field: str) -> str:
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def filesystem(path: Path, mountinfo: Path = Path("/proc/self/mountinfo")) -> FileSystem:
+    """The filesystem holding ``path``: the longest mount point above it (the last one mounted,
+    when several share it). ``type`` is ``unknown`` when mountinfo cannot be read."""
+    target = path.resolve()
+    best: FileSystem | None = None
+    try:
+        lines = mountinfo.read_text().splitlines()
+    except OSError:
+        return FileSystem(mount_point(path), "unknown", "")
+    for line in lines:
+        left, sep, right = line.partition(" - ")
+        fields, tail = left.split(), right.split()
+        if not sep or len(fields) < 5 or len(tail) < 2:
+            continue
+        mnt = Path(_unescape_mountinfo(fields[4]))
+        if target != mnt and mnt not in target.parents:
+            continue
+        if best is None or len(mnt.parts) >= len(best.mount_point.parts):
+            best = FileSystem(mnt, _unescape_mountinfo(tail[0]), _unescape_mountinfo(tail[1]))
+    return best or FileSystem(mount_point(path), "unknown", "")
 
 
 @dataclass(frozen=True)
