@@ -18,6 +18,7 @@ from typing import Any
 
 from bootstrap.plan import Plan
 from bootstrap.timeline import Timeline
+from worker import jobctx, webhook
 from worker.capabilities import CAPABILITIES
 from worker.errors import JobError, WorkerFault
 from worker.lifecycle import Lifecycle
@@ -60,6 +61,8 @@ class Worker:
     boot_ms: dict[str, float] = field(default_factory=dict)
     #: a boot error served to every job (BOOTSTRAP_ON_FATAL=serve-error)
     fatal: dict[str, Any] | None = None
+    #: the worker's own webhooks (SPEC §11)
+    webhooks: webhook.WebhookConfig = field(default_factory=webhook.WebhookConfig)
     _sem: asyncio.Semaphore | None = None
 
     def health(self) -> dict[str, Any]:
@@ -72,6 +75,9 @@ class Worker:
             for p in info.get("providers", []):
                 if p not in device["providers"]:
                     device["providers"].append(p)
+            for key in ("encoder", "torch"):
+                if info.get(key) is not None:
+                    device[key] = info[key]
         out: dict[str, Any] = {
             "status": "ok" if ok else "degraded",
             "capabilities": caps,
@@ -89,8 +95,10 @@ class Worker:
         t0 = time.monotonic()
         job_input = job.get("input") if isinstance(job, dict) else None
         task = job_input.get("task", DEFAULT_TASK) if isinstance(job_input, dict) else None
+        hook: webhook.Target | None = None
         try:
-            out = await self._dispatch(job_input)
+            hook = webhook.parse(job_input, self.webhooks)  # URL_NOT_ALLOWED before any work
+            out = await self._dispatch(job_input, job)
         except JobError as err:
             out = err.output()
         except WorkerFault as err:
@@ -105,6 +113,9 @@ class Worker:
             refresh = "CUDA" in text or "cuda" in text
             out = WorkerFault(f"internal error: {text}", refresh=refresh).output()
         ms = (time.monotonic() - t0) * 1000
+        out = await webhook.after_job(
+            hook, job if isinstance(job, dict) else {}, out, self.webhooks, self.timeline
+        )
         detail: dict[str, Any] = {
             "task": task if isinstance(task, str) else None,
             "id": job.get("id") if isinstance(job, dict) else None,
@@ -116,7 +127,7 @@ class Worker:
         self.timeline.event("job", "end", ms=ms, detail=detail)
         return out
 
-    async def _dispatch(self, job_input: Any) -> dict[str, Any]:
+    async def _dispatch(self, job_input: Any, job: Any = None) -> dict[str, Any]:
         if not isinstance(job_input, dict):
             raise JobError("INVALID_INPUT", "the job's input must be a JSON object")
         task = job_input.get("task", DEFAULT_TASK)
@@ -139,7 +150,8 @@ class Worker:
         if self._sem is None:
             self._sem = asyncio.Semaphore(self.concurrency)
         async with self._sem:
-            return await asyncio.to_thread(pipeline.run, job_input)
+            ctx = jobctx.JobContext.for_job(job if isinstance(job, dict) else {}, self.timeline)
+            return await jobctx.run_in_thread(pipeline.run, job_input, ctx)
 
 
 def make_handler(worker: Worker) -> Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]:

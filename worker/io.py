@@ -455,3 +455,41 @@ class Uploader:
         except (BotoCoreError, ClientError) as err:
             raise WorkerFault(f"uploading the output to bucket {bucket!r} failed: {err}") from None
         return {"url": str(url), "bucket": bucket, "key": key}
+
+    def upload_file(
+        self,
+        fileobj: Any,
+        *,
+        ext: str,
+        content_type: str,
+        job_s3: Mapping[str, str] | None,
+        default_prefix: str,
+        part_bytes: int = 16 * 1024 * 1024,
+    ) -> dict[str, str]:
+        """Like `upload`, for large outputs read from ``fileobj`` (e.g. a video on the container
+        disk): boto3's transfer manager sends parts of ``part_bytes`` in parallel (multipart
+        above one part), never the whole file in memory; then a presigned GET URL."""
+        bucket = self.check(job_s3)
+        prefix = ((job_s3 or {}).get("prefix") or default_prefix).strip("/")
+        key = f"{prefix}/{time.strftime('%Y-%m-%d', time.gmtime())}/{uuid.uuid4().hex}.{ext}"
+        client = self.client()
+        from boto3.s3.transfer import TransferConfig
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        config = TransferConfig(
+            multipart_threshold=part_bytes,
+            multipart_chunksize=part_bytes,
+            max_concurrency=4,
+            use_threads=True,
+        )
+        try:
+            fileobj.seek(0)
+            client.upload_fileobj(
+                fileobj, bucket, key, ExtraArgs={"ContentType": content_type}, Config=config
+            )
+            url = client.generate_presigned_url(
+                "get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=PRESIGN_EXPIRES_S
+            )
+        except (BotoCoreError, ClientError) as err:
+            raise WorkerFault(f"uploading the output to bucket {bucket!r} failed: {err}") from None
+        return {"url": str(url), "bucket": bucket, "key": key}
