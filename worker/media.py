@@ -176,7 +176,8 @@ class Children:
             for child in self.items:
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     child.proc.wait(10)
-                for pipe in (child.proc.stdin, child.proc.stdout):
+                child.stderr.text(timeout=5)  # the drain ends with the process
+                for pipe in (child.proc.stdin, child.proc.stdout, child.proc.stderr):
                     if pipe is not None:
                         with contextlib.suppress(OSError):
                             pipe.close()
