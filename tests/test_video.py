@@ -241,7 +241,7 @@ def test_target_index_follows_the_person_by_embedding(
     diff = np.abs(after[-1] - before[-1]).sum(axis=2)
     assert diff[top].mean() > 5 and diff[bottom].mean() > 5  # both swapped
 
-    out = asyncio.run(make_worker(pipe).handle(job(url, target_index=3)))
+    out = asyncio.run(make_worker(pipe).handle(job(url, target_index=9)))
     assert out["code"] == "FACE_INDEX_OUT_OF_RANGE", out
 
 
@@ -366,7 +366,7 @@ def test_disk_check_before_the_job_names_the_numbers(
 
     if not can_mount_tmpfs():
         pytest.skip("needs root for a tmpfs")
-    url, _ = serve_clip(server, tmp_path, "disk.mp4", Clip(W, H, seconds=0.5))
+    url, _ = serve_clip(server, tmp_path, "disk.mp4", Clip(W, H, seconds=0.5, faces=(Face(60, 40, 56),)))
     with tmpfs(tmp_path / "small", "4m") as small:
         ctx = LoadContext(
             settings=settings,
@@ -442,7 +442,7 @@ def test_s3_output_is_a_multipart_upload_with_a_presigned_url(
                 settings=s, models=models, extra={"tmp_dir": str(scratch), "pipelines": {"faceswap": swapper}}
             )
         )
-        url, _ = serve_clip(server, tmp_path, "s3.mp4", Clip(W, H, seconds=0.5))
+        url, _ = serve_clip(server, tmp_path, "s3.mp4", Clip(W, H, seconds=0.5, faces=(Face(60, 40, 56),)))
         in_job = job(url)
         del in_job["input"]["output"]  # S3 is the default for video
         out = asyncio.run(make_worker(p).handle(in_job))

@@ -846,6 +846,7 @@ def fetch_to_file(
         scheme, host, port, path = wio._check_url(current)
         addrs = wio._checked_addresses(host, port, policy, current, deadline)
         conn = wio._connection(scheme, host, port, addrs[0], policy.timeout_s)
+        resp = None
         try:
             try:
                 conn.request(
@@ -907,5 +908,7 @@ def fetch_to_file(
                 raise JobError("NOT_A_VIDEO", f"{wio._shown(current)} sent an empty body")
             return total
         finally:
+            if resp is not None:
+                resp.close()
             conn.close()
     raise JobError("FETCH_FAILED", f"{wio._shown(url)} redirected more than {policy.max_redirects} times")

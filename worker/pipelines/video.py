@@ -202,6 +202,7 @@ class FaceSwapVideo:
     def __init__(self, ctx: LoadContext, swapper: faceswap.FaceSwap | None = None) -> None:
         self.settings = ctx.settings
         self.faces = swapper or ctx.extra.get("pipelines", {}).get("faceswap") or faceswap.load(ctx)
+        self.uploader = wio.Uploader(self.settings.environ)
         self.tools = media.Tools.find()
         self.versions = self.tools.versions()
         self.choice = media.decide_encoders(self.tools)
@@ -253,7 +254,7 @@ class FaceSwapVideo:
         """Swap the source face into every frame of the video; see the module docstring."""
         req = parse_input(job_input)
         if req.output == "s3":
-            self.faces.uploader.check(req.s3)
+            self.uploader.check(req.s3)
         job = jobctx.current()
         job.set_deadline(req.deadline_s)
         t = _Stages()
@@ -300,7 +301,7 @@ class FaceSwapVideo:
             if req.output == "s3":
                 with t.stage("upload"):
                     out.update(
-                        self.faces.uploader.upload_file(
+                        self.uploader.upload_file(
                             out_file,
                             ext="mp4",
                             content_type="video/mp4",
