@@ -60,6 +60,10 @@ WORKER_S3_BUCKETS = "WORKER_S3_BUCKETS"
 WORKER_PRESIGN_TTL_S = "WORKER_PRESIGN_TTL_S"
 #: SigV4 presigned URLs live at most 7 days.
 PRESIGN_TTL_MAX_S = 7 * 24 * 3600
+WORKER_MAX_VIDEO_S = "WORKER_MAX_VIDEO_S"
+WORKER_MAX_RESULT_MB = "WORKER_MAX_RESULT_MB"
+WORKER_MAX_VIDEO_MB = "WORKER_MAX_VIDEO_MB"
+WORKER_WEBHOOK_SECRET = "WORKER_WEBHOOK_SECRET"  # noqa: S105 - the variable's name, not a secret
 
 PHASES_WITH_BUDGET = ("preflight", "env", "weights", "warm")
 DEFAULT_BUDGETS: Mapping[str, float] = {"preflight": 60, "env": 1800, "weights": 1800, "warm": 600}
@@ -72,6 +76,7 @@ KNOWN = (
     SERVE_API, REQUIRE_GPU, LOCKS, DEBUG, APP_DIR, PROJECT_DIR, WORKER_CONCURRENCY,
     WORKER_MAX_INPUT_MB, WORKER_MAX_PIXELS, WORKER_ALLOW_PRIVATE_URLS, WORKER_MAX_FACES,
     WORKER_S3_BUCKETS, WORKER_PRESIGN_TTL_S,
+    WORKER_MAX_VIDEO_S, WORKER_MAX_VIDEO_MB, WORKER_WEBHOOK_SECRET, WORKER_MAX_RESULT_MB,
 )  # fmt: skip
 
 _SECRET_WORDS = re.compile(r"TOKEN|SECRET|KEY|PASSWORD|PASSWD|CREDENTIAL", re.IGNORECASE)
@@ -274,6 +279,12 @@ class Settings:
     #: buckets a job's s3.bucket may name besides BUCKET_NAME (empty: BUCKET_NAME only)
     worker_s3_buckets: tuple[str, ...]
     worker_presign_ttl_s: int
+    worker_max_video_s: float
+    worker_max_video_bytes: int
+    #: largest base64 result a job returns inline; larger asks for output "s3" (RESULT_TOO_LARGE)
+    worker_max_result_bytes: int
+    #: HMAC key of the worker's own webhooks (SPEC §11); None: sent unsigned
+    worker_webhook_secret: str | None = field(repr=False)
     on_runpod: bool
     #: the hub's token for hf:// weights (never logged, never handed to the worker)
     hf_token: str | None = field(default=None, repr=False)
@@ -340,6 +351,10 @@ class Settings:
             "worker_max_faces": int(_number(env, WORKER_MAX_FACES, 20, minimum=1)),
             "worker_s3_buckets": _buckets(env),
             "worker_presign_ttl_s": _presign_ttl(env),
+            "worker_max_video_s": _number(env, WORKER_MAX_VIDEO_S, 600.0, minimum=1),
+            "worker_max_video_bytes": int(_number(env, WORKER_MAX_VIDEO_MB, 500, minimum=0) * 1024 * 1024),
+            "worker_max_result_bytes": int(_number(env, WORKER_MAX_RESULT_MB, 15, minimum=0) * 1024 * 1024),
+            "worker_webhook_secret": env.get(WORKER_WEBHOOK_SECRET) or None,
             "on_runpod": on_runpod,
             "hf_token": _text(env, HF_TOKEN),
             "hf_endpoint": _text(env, HF_ENDPOINT) or HF_DEFAULT_ENDPOINT,

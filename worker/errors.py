@@ -21,6 +21,13 @@ JOB_CODES = (
     "NO_FACE_IN_SOURCE",
     "NO_FACE_IN_TARGET",
     "FACE_INDEX_OUT_OF_RANGE",
+    # faceswap_video (SPEC §10 "Video")
+    "NOT_A_VIDEO",
+    "VIDEO_TOO_LONG",
+    "VIDEO_TOO_LARGE",
+    "NO_FACE_IN_VIDEO",
+    # a base64 result over WORKER_MAX_RESULT_MB: ask for output "s3"
+    "RESULT_TOO_LARGE",
 )
 
 

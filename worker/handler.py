@@ -22,6 +22,7 @@ from typing import Any
 
 from bootstrap.plan import Capability, Plan
 from bootstrap.timeline import Timeline
+from worker import jobctx, webhook
 from worker.capabilities import CAPABILITIES
 from worker.device import classify_runtime_error
 from worker.errors import JobError, WorkerFault
@@ -80,6 +81,8 @@ class Worker:
     #: capability → its status, the plan's own type (health shows status and reason)
     capabilities: dict[str, Capability] = field(default_factory=dict)
     boot_ms: dict[str, float] = field(default_factory=dict)
+    #: the worker's own webhooks (SPEC §11)
+    webhooks: webhook.WebhookConfig = field(default_factory=webhook.WebhookConfig)
     _sem: asyncio.Semaphore | None = None
 
     def capability_table(self) -> dict[str, dict[str, Any]]:
@@ -97,6 +100,9 @@ class Worker:
             for p in info.get("providers", []):
                 if p not in device["providers"]:
                     device["providers"].append(p)
+            for key in ("encoder", "torch"):
+                if info.get(key) is not None:
+                    device[key] = info[key]
         out: dict[str, Any] = {
             "status": "ok" if ok else "degraded",
             "state": state.value,
@@ -115,8 +121,10 @@ class Worker:
         t0 = time.monotonic()
         job_input = job.get("input") if isinstance(job, dict) else None
         task = job_input.get("task", DEFAULT_TASK) if isinstance(job_input, dict) else None
+        hook: webhook.Target | None = None
         try:
-            out = await self._dispatch(job_input)
+            hook = webhook.parse(job_input, self.webhooks)  # URL_NOT_ALLOWED before any work
+            out = await self._dispatch(job_input, job)
         except JobError as err:
             out = err.output()
         except WorkerFault as err:
@@ -124,6 +132,9 @@ class Worker:
         except Exception as err:  # CUDA trouble or a bug: answer, log, keep serving
             out = self._fault(err).output()
         ms = (time.monotonic() - t0) * 1000
+        out = await webhook.after_job(
+            hook, job if isinstance(job, dict) else {}, out, self.webhooks, self.timeline
+        )
         detail: dict[str, Any] = {
             "task": task if isinstance(task, str) else None,
             "id": job.get("id") if isinstance(job, dict) else None,
@@ -146,7 +157,7 @@ class Worker:
         self.timeline.log("job failed with an unexpected error:\n" + traceback.format_exc(), level="error")
         return WorkerFault(f"internal error: {type(err).__name__}: {err}")
 
-    async def _dispatch(self, job_input: Any) -> dict[str, Any]:
+    async def _dispatch(self, job_input: Any, job: Any = None) -> dict[str, Any]:
         if not isinstance(job_input, dict):
             raise JobError("INVALID_INPUT", "the job's input must be a JSON object")
         task = job_input.get("task", DEFAULT_TASK)
@@ -169,7 +180,8 @@ class Worker:
         if self._sem is None:
             self._sem = asyncio.Semaphore(self.concurrency)
         async with self._sem:
-            return await asyncio.to_thread(pipeline.run, job_input)
+            ctx = jobctx.JobContext.for_job(job if isinstance(job, dict) else {}, self.timeline)
+            return await jobctx.run_in_thread(pipeline.run, job_input, ctx)
 
 
 def make_handler(worker: Worker) -> Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]:

@@ -324,6 +324,16 @@ class _TLSConnection(http.client.HTTPSConnection):
         self.sock = tls
 
 
+def open_connection(
+    scheme: str, host: str, port: int, addr: str, timeout_s: float
+) -> http.client.HTTPConnection:
+    """A connection to ``addr`` (an address `_checked_addresses` allowed) for ``host``, whose
+    connect, TLS handshake and every read and write share one deadline ``timeout_s`` from now.
+    The one way the worker's fetches, video downloads and webhooks open a connection."""
+    deadline = _Deadline(time.monotonic() + timeout_s)
+    return (_TLSConnection if scheme == "https" else _Connection)(host, port, addr, deadline)
+
+
 def fetch_url(url: str, policy: FetchPolicy) -> bytes:
     """GET ``url`` within the policy's limits; redirects followed by hand, each hop checked.
 
@@ -713,7 +723,7 @@ class Uploader:
         """Put ``data`` at ``<prefix>/<date>/<uuid>.<ext>`` (the job's prefix, else ``prefix``);
         return url (presigned for ``presign_ttl_s``), bucket, key."""
         bucket = self.check(target)
-        key = f"{target.prefix or prefix}/{time.strftime('%Y-%m-%d', time.gmtime())}/{uuid.uuid4().hex}.{ext}"
+        key = self._key(target, prefix, ext)
         client = self.client()
         from botocore.exceptions import BotoCoreError, ClientError
 
@@ -725,3 +735,47 @@ class Uploader:
         except (BotoCoreError, ClientError) as err:
             raise WorkerFault(f"uploading the output to bucket {bucket!r} failed: {err}") from None
         return {"url": str(url), "bucket": bucket, "key": key}
+
+    def upload_file(
+        self,
+        fileobj: Any,
+        *,
+        ext: str,
+        content_type: str,
+        target: Output,
+        prefix: str,
+        part_bytes: int = 16 * 1024 * 1024,
+    ) -> dict[str, str]:
+        """Like `upload`, for large outputs read from ``fileobj`` (e.g. a video on the container
+        disk): boto3's transfer manager sends parts of ``part_bytes`` in parallel (multipart
+        above one part), never the whole file in memory; then a presigned GET URL."""
+        bucket = self.check(target)
+        key = self._key(target, prefix, ext)
+        client = self.client()
+        from boto3.s3.transfer import TransferConfig
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        config = TransferConfig(
+            multipart_threshold=part_bytes,
+            multipart_chunksize=part_bytes,
+            max_concurrency=4,
+            use_threads=True,
+        )
+        try:
+            fileobj.seek(0)
+            client.upload_fileobj(
+                fileobj, bucket, key, ExtraArgs={"ContentType": content_type}, Config=config
+            )
+            url = client.generate_presigned_url(
+                "get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=self.presign_ttl_s
+            )
+        except (BotoCoreError, ClientError) as err:
+            raise WorkerFault(f"uploading the output to bucket {bucket!r} failed: {err}") from None
+        return {"url": str(url), "bucket": bucket, "key": key}
+
+    @staticmethod
+    def _key(target: Output, prefix: str, ext: str) -> str:
+        """``<the job's prefix, else prefix>/<date>/<uuid>.<ext>``."""
+        return (
+            f"{target.prefix or prefix}/{time.strftime('%Y-%m-%d', time.gmtime())}/{uuid.uuid4().hex}.{ext}"
+        )

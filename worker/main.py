@@ -38,6 +38,7 @@ from worker.capabilities import CAPABILITIES
 from worker.handler import Worker, make_handler, quiet_sdk_logs
 from worker.lifecycle import Lifecycle, State
 from worker.pipelines.base import LoadContext
+from worker.webhook import WebhookConfig
 
 
 def _fatal_exit_later(worker: Worker, seconds: float, code: int) -> None:
@@ -94,6 +95,8 @@ def warm_up(worker: Worker, settings: Settings) -> None:
             module = importlib.import_module(spec.pipeline)
             try:
                 worker.pipelines[name] = module.load(ctx)
+                # a capability that needs another one reuses its loaded pipeline (video → faceswap)
+                ctx.extra.setdefault("pipelines", {})[name] = worker.pipelines[name]
             except BootstrapError:
                 raise
             except Exception as err:
@@ -179,7 +182,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     timeline.started = plan.boot_started or timeline.started
     timeline.attach(Volume(Path(plan.volume), "plan").log_dir(settings.worker_id), rotate=False)
     worker = Worker(
-        plan=plan, timeline=timeline, lifecycle=Lifecycle(), concurrency=settings.worker_concurrency
+        plan=plan,
+        timeline=timeline,
+        lifecycle=Lifecycle(),
+        concurrency=settings.worker_concurrency,
+        webhooks=WebhookConfig.from_settings(settings),
     )
     worker.boot_ms.update(plan.boot_ms)
     for name, cap in plan.capabilities.items():

@@ -3,7 +3,8 @@
 ``python -m worker.smoke [--project DIR] CAP…`` imports the base modules, then each capability's
 modules (and its pipeline module, when one is registered), and prints one JSON line:
 ``{"base": null | error, "capabilities": {cap: null | error}}``. A missing system library
-(libGL) or module shows up here, at build time, not at the first job (FAILURES F4, F5).
+(libGL) or module shows up here, at build time, not at the first job (FAILURES F4, F5); for
+``video`` the ``ffmpeg`` and ``ffprobe`` programs must also run.
 
 Module lists come from the project's ``pyproject.toml`` ``[tool.bootstrap.smoke]`` table when it
 has one (``base = [...]`` and one list per capability), else from the worker's capability
@@ -33,6 +34,21 @@ def _try(modules: list[str]) -> str | None:
             last = traceback.format_exception_only(type(err), err)[-1].strip()
             return f"import {name}: {last}"
     return None
+
+
+def _ffmpeg_runs() -> str | None:
+    """``ffmpeg`` and ``ffprobe`` found on PATH and answering ``-version`` (the video capability)."""
+    try:
+        from worker import media
+
+        media.Tools.find().versions()
+    except Exception as err:
+        return f"ffmpeg: {err}"
+    return None
+
+
+#: Capabilities that also need system programs to run: cap → check returning an error or None.
+PROGRAM_CHECKS = {"video": _ffmpeg_runs}
 
 
 def smoke_table(project: Path | None) -> dict[str, Any] | None:
@@ -76,6 +92,9 @@ def main(argv: list[str]) -> int:
     result: dict[str, object] = {"base": _try(base), "capabilities": caps}
     for cap, modules in plans.items():
         caps[cap] = modules if isinstance(modules, str) else _try(modules)
+        check = PROGRAM_CHECKS.get(cap)
+        if caps[cap] is None and check is not None:
+            caps[cap] = check()
     print(json.dumps(result))
     return 0 if result["base"] is None and all(v is None for v in caps.values()) else 1
 

@@ -15,3 +15,13 @@ register(
         pipeline="worker.pipelines.faceswap",
     )
 )
+
+register(
+    CapabilitySpec(
+        name="video",
+        task="faceswap_video",
+        # the env's smoke test also runs ffmpeg and ffprobe for this capability (worker.smoke)
+        modules=("ffmpeg", "cv2", "insightface", "boto3"),
+        pipeline="worker.pipelines.video",
+    )
+)

@@ -388,6 +388,25 @@ class FaceSwap:
         region = np.ascontiguousarray(img[y0:y1, x0:x1])
         img[y0:y1, x0:x1] = self.swapper.get(region, local, source, paste_back=True)
 
+    # -- reused per frame by the video pipeline (worker.pipelines.video) -----------------------
+
+    def detect(self, img: np.ndarray) -> list[Face]:
+        """Faces of a BGR picture, left to right, without embeddings."""
+        return self._detect(img)
+
+    def embed(self, img: np.ndarray, face: Face) -> np.ndarray:
+        """The face's normalised identity embedding (also stored on ``face``)."""
+        self.recognizer.get(img, face)
+        return np.asarray(face.normed_embedding)
+
+    def swap(self, img: np.ndarray, face: Face, source: Face) -> None:
+        """Swap ``source`` into ``face`` of ``img``, in place."""
+        self._swap_into(img, face, source)
+
+    def fetch(self, ref: ImageRef) -> bytes:
+        """An input picture's bytes (URL within the fetch policy, or base64)."""
+        return self._bytes(ref)
+
     def _bytes(self, ref: ImageRef) -> bytes:
         if ref.kind == "url":
             return wio.fetch_url(ref.value, self.policy)
@@ -453,4 +472,4 @@ def load(ctx: LoadContext) -> FaceSwap:
     return FaceSwap(ctx)
 
 
-__all__ = ["NAME", "FaceSwap", "load", "parse_input"]
+__all__ = ["NAME", "FaceSwap", "ImageRef", "load", "parse_input"]
