@@ -18,6 +18,7 @@ With ``BOOTSTRAP_ON_FATAL=serve-error`` a fatal boot error is answered to every 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 import sys
@@ -143,6 +144,9 @@ def boot(worker: Worker, settings: Settings) -> int | None:
             f"serving the boot error for {settings.fatal_grace_s:g} s: {fatal.get('error')}",
             level="error",
         )
+        # The SDK is loaded first, so the grace period is spent serving, not importing.
+        with contextlib.suppress(Exception):
+            import runpod  # noqa: F401
         _fatal_exit_later(worker, settings.fatal_grace_s, int(fatal.get("code", 1)))
         return None
     worker.lifecycle.to(State.READY)
