@@ -41,6 +41,8 @@ WORKER_CONCURRENCY = "WORKER_CONCURRENCY"
 WORKER_MAX_INPUT_MB = "WORKER_MAX_INPUT_MB"
 WORKER_MAX_PIXELS = "WORKER_MAX_PIXELS"
 WORKER_ALLOW_PRIVATE_URLS = "WORKER_ALLOW_PRIVATE_URLS"
+WORKER_ANIMATE_OFFLOAD = "WORKER_ANIMATE_OFFLOAD"
+WORKER_ANIMATE_MAX_FRAMES = "WORKER_ANIMATE_MAX_FRAMES"
 
 PHASES_WITH_BUDGET = ("preflight", "env", "weights", "warm")
 DEFAULT_BUDGETS: Mapping[str, float] = {"preflight": 60, "env": 1800, "weights": 1800, "warm": 600}
@@ -51,7 +53,8 @@ KNOWN = (
     VOLUME, REQUIRE_VOLUME, EXTRAS, OPTIONAL, MANIFEST, MIRROR, MIN_FREE_GB, LOCK_TIMEOUT_S,
     LEASE_TTL_S, PHASE_BUDGET_S, ON_FATAL, FATAL_GRACE_S, LOG_FORMAT, PYTHON, WORKER_ID,
     SERVE_API, REQUIRE_GPU, LOCKS, DEBUG, APP_DIR, PROJECT_DIR, WORKER_CONCURRENCY,
-    WORKER_MAX_INPUT_MB, WORKER_MAX_PIXELS, WORKER_ALLOW_PRIVATE_URLS,
+    WORKER_MAX_INPUT_MB, WORKER_MAX_PIXELS, WORKER_ALLOW_PRIVATE_URLS, WORKER_ANIMATE_OFFLOAD,
+    WORKER_ANIMATE_MAX_FRAMES,
 )  # fmt: skip
 
 _SECRET_WORDS = re.compile(r"TOKEN|SECRET|KEY|PASSWORD|PASSWD|CREDENTIAL", re.IGNORECASE)
@@ -202,6 +205,10 @@ class Settings:
     worker_max_pixels: int
     worker_allow_private_urls: bool
     on_runpod: bool
+    #: model CPU offload for `animate` on a GPU too small to hold the pipeline
+    worker_animate_offload: bool = False
+    #: most driving-video frames (at the job's fps) one `animate` job generates
+    worker_animate_max_frames: int = 385
     #: where each value came from: "env" or "default" (for diagnose)
     sources: Mapping[str, str] = field(default_factory=dict)
     #: the environment it was read from, for passing on to child processes
@@ -259,6 +266,8 @@ class Settings:
             "worker_max_pixels": int(_number(env, WORKER_MAX_PIXELS, 40_000_000, minimum=1)),
             "worker_allow_private_urls": _bool(env, WORKER_ALLOW_PRIVATE_URLS, False),
             "on_runpod": on_runpod,
+            "worker_animate_offload": _bool(env, WORKER_ANIMATE_OFFLOAD, False),
+            "worker_animate_max_frames": int(_number(env, WORKER_ANIMATE_MAX_FRAMES, 385, minimum=2)),
         }
         values.update(overrides)
         sources = {name: ("env" if env.get(name, "").strip() else "default") for name in KNOWN}

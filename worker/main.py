@@ -87,7 +87,13 @@ def warm_up(worker: Worker, settings: Settings) -> None:
         detail["capabilities"] = enabled
     worker.boot_ms["import"] = round(timeline.phase_ms["import"], 1)
     worker.lifecycle.to(State.WARM)
-    ctx = LoadContext(settings=settings, models=dict(plan.models), env_key=plan.env_key)
+    # pipelines loaded so far, live: animate crops faces with the face-swap detector when it is there
+    ctx = LoadContext(
+        settings=settings,
+        models=dict(plan.models),
+        env_key=plan.env_key,
+        extra={"pipelines": worker.pipelines},
+    )
     with budget(timeline, "warm", settings.budget("warm")), timeline.phase("warm") as detail:
         for name in enabled:
             spec = CAPABILITIES[name]
