@@ -530,7 +530,7 @@ class Animate:
                 hint="use a GPU with more memory (see docs/animate.md), set WORKER_ANIMATE_OFFLOAD=1, "
                 "or list animate in BOOTSTRAP_OPTIONAL to serve the other capabilities",
             )
-        self.pipe = WanAnimatePipeline.from_pretrained(str(model_dir), dtype=dtype)
+        self.pipe = WanAnimatePipeline.from_pretrained(str(model_dir), dtype=dtype)  # type: ignore[no-untyped-call]
         if self.memory.action == "offload":
             self.pipe.enable_model_cpu_offload(device=self.dev.device)
         else:
@@ -579,7 +579,8 @@ class Animate:
                 found = faceswap._detect(np.ascontiguousarray(rgb[:, :, ::-1]))
                 if found:
                     f = max(found, key=lambda f: float((f.bbox[2] - f.bbox[0]) * (f.bbox[3] - f.bbox[1])))
-                    box = pose.square_box(tuple(float(v) for v in f.bbox[:4]), h, w, grow=1.3)
+                    x0, y0, x1, y1 = (float(v) for v in f.bbox[:4])
+                    box = pose.square_box((x0, y0, x1, y1), h, w, grow=1.3)
             if box is None:
                 box = pose.face_box_from_keypoints(person, h, w)
             if box is not None:
@@ -652,8 +653,9 @@ class Animate:
             output_type="np",
             callback_on_step_end=on_step,
         )
-        video = np.asarray(out.frames[0])
-        return (np.clip(video, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+        video = np.asarray(out.frames[0], dtype=np.float32)
+        result: np.ndarray = (np.clip(video, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+        return result
 
     # -- warm-up -----------------------------------------------------------------------------
 
