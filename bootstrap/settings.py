@@ -64,6 +64,8 @@ WORKER_MAX_VIDEO_S = "WORKER_MAX_VIDEO_S"
 WORKER_MAX_RESULT_MB = "WORKER_MAX_RESULT_MB"
 WORKER_MAX_VIDEO_MB = "WORKER_MAX_VIDEO_MB"
 WORKER_WEBHOOK_SECRET = "WORKER_WEBHOOK_SECRET"  # noqa: S105 - the variable's name, not a secret
+WORKER_ANIMATE_OFFLOAD = "WORKER_ANIMATE_OFFLOAD"
+WORKER_ANIMATE_MAX_FRAMES = "WORKER_ANIMATE_MAX_FRAMES"
 
 PHASES_WITH_BUDGET = ("preflight", "env", "weights", "warm")
 DEFAULT_BUDGETS: Mapping[str, float] = {"preflight": 60, "env": 1800, "weights": 1800, "warm": 600}
@@ -77,6 +79,7 @@ KNOWN = (
     WORKER_MAX_INPUT_MB, WORKER_MAX_PIXELS, WORKER_ALLOW_PRIVATE_URLS, WORKER_MAX_FACES,
     WORKER_S3_BUCKETS, WORKER_PRESIGN_TTL_S,
     WORKER_MAX_VIDEO_S, WORKER_MAX_VIDEO_MB, WORKER_WEBHOOK_SECRET, WORKER_MAX_RESULT_MB,
+    WORKER_ANIMATE_OFFLOAD, WORKER_ANIMATE_MAX_FRAMES,
 )  # fmt: skip
 
 _SECRET_WORDS = re.compile(r"TOKEN|SECRET|KEY|PASSWORD|PASSWD|CREDENTIAL", re.IGNORECASE)
@@ -286,6 +289,10 @@ class Settings:
     #: HMAC key of the worker's own webhooks (SPEC §11); None: sent unsigned
     worker_webhook_secret: str | None = field(repr=False)
     on_runpod: bool
+    #: model CPU offload for `animate` on a GPU too small to hold the pipeline
+    worker_animate_offload: bool = False
+    #: most driving-video frames (at the job's fps) one `animate` job generates
+    worker_animate_max_frames: int = 385
     #: the hub's token for hf:// weights (never logged, never handed to the worker)
     hf_token: str | None = field(default=None, repr=False)
     hf_endpoint: str = HF_DEFAULT_ENDPOINT
@@ -356,6 +363,8 @@ class Settings:
             "worker_max_result_bytes": int(_number(env, WORKER_MAX_RESULT_MB, 15, minimum=0) * 1024 * 1024),
             "worker_webhook_secret": env.get(WORKER_WEBHOOK_SECRET) or None,
             "on_runpod": on_runpod,
+            "worker_animate_offload": _bool(env, WORKER_ANIMATE_OFFLOAD, False),
+            "worker_animate_max_frames": int(_number(env, WORKER_ANIMATE_MAX_FRAMES, 385, minimum=2)),
             "hf_token": _text(env, HF_TOKEN),
             "hf_endpoint": _text(env, HF_ENDPOINT) or HF_DEFAULT_ENDPOINT,
             "aws_endpoint_url": _text(env, AWS_ENDPOINT_URL_S3) or _text(env, AWS_ENDPOINT_URL),

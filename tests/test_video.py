@@ -20,7 +20,7 @@ import numpy as np
 import psutil
 import pytest
 
-from bootstrap.plan import Plan
+from bootstrap.plan import Capability, Plan
 from bootstrap.settings import Settings
 from bootstrap.timeline import Timeline
 from tests.fixture_models import ImageServer, b64, encode, picture, write_models_dir
@@ -28,7 +28,7 @@ from tests.fixture_video import Clip, Face, audio_stream, ffprobe, frames, make_
 from tests.webhook_receiver import Receiver
 from worker import media, webhook
 from worker.handler import Worker
-from worker.lifecycle import Lifecycle
+from worker.lifecycle import Lifecycle, State
 from worker.pipelines import faceswap, video
 from worker.pipelines.base import LoadContext
 
@@ -107,7 +107,9 @@ def make_worker(pipe: video.FaceSwapVideo, stream: io.StringIO | None = None, **
         **kw,
     )
     w.pipelines["video"] = pipe
-    w.capabilities["video"] = {"status": "ok", "reason": None}
+    w.capabilities["video"] = Capability()
+    w.lifecycle.to(State.WARM)
+    w.lifecycle.to(State.READY)
     return w
 
 

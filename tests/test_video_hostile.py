@@ -240,12 +240,12 @@ _KILL_SCRIPT = textwrap.dedent(
     """
     import asyncio, io, sys
     from pathlib import Path
-    from bootstrap.plan import Plan
+    from bootstrap.plan import Capability, Plan
     from bootstrap.settings import Settings
     from bootstrap.timeline import Timeline
     from tests.fixture_models import write_models_dir
     from worker.handler import Worker
-    from worker.lifecycle import Lifecycle
+    from worker.lifecycle import Lifecycle, State
     from worker.pipelines import video
     from worker.pipelines.base import LoadContext
 
@@ -254,7 +254,9 @@ _KILL_SCRIPT = textwrap.dedent(
     ctx = LoadContext(settings=settings, models=write_models_dir(Path(models_dir)), extra={"tmp_dir": tmp_dir})
     w = Worker(plan=Plan(worker_id="k", volume="/x", app_dir="."), timeline=Timeline("k", stream=io.StringIO()), lifecycle=Lifecycle())
     w.pipelines["video"] = video.load(ctx)
-    w.capabilities["video"] = {"status": "ok", "reason": None}
+    w.capabilities["video"] = Capability()
+    w.lifecycle.to(State.WARM)
+    w.lifecycle.to(State.READY)
     print("loaded", flush=True)
     asyncio.run(w.handle({"id": "k", "input": {"task": "faceswap_video", "source_image": source, "video_url": url, "output": "base64"}}))
     print("finished", flush=True)

@@ -12,14 +12,14 @@ from typing import Any
 
 import pytest
 
-from bootstrap.plan import Plan
+from bootstrap.plan import Capability, Plan
 from bootstrap.settings import Settings
 from bootstrap.timeline import Timeline
 from tests.fixture_models import b64, encode, picture, write_models_dir
 from tests.webhook_receiver import Receiver
 from worker import webhook
 from worker.handler import Worker
-from worker.lifecycle import Lifecycle
+from worker.lifecycle import Lifecycle, State
 from worker.pipelines import faceswap
 from worker.pipelines.base import LoadContext
 
@@ -70,7 +70,9 @@ def test_picture_job_delivers_one_signed_webhook_for_success_and_failure(models:
     settings = Settings.from_env({"WORKER_ALLOW_PRIVATE_URLS": "1", "WORKER_WEBHOOK_SECRET": SECRET})
     worker = _bare_worker(_config())
     worker.pipelines["faceswap"] = faceswap.load(LoadContext(settings=settings, models=models))
-    worker.capabilities["faceswap"] = {"status": "ok", "reason": None}
+    worker.capabilities["faceswap"] = Capability()
+    worker.lifecycle.to(State.WARM)
+    worker.lifecycle.to(State.READY)
     with Receiver() as rx:
         job = {
             "id": "job-ok",

@@ -130,3 +130,73 @@ def probe() -> TorchDevice:
         torch_version=version,
         cuda_version=cuda_version,
     )
+
+
+# -- memory fit (animate's warm-load) -----------------------------------------------------------
+
+GiB = 1024**3
+
+
+def free_memory(dev: TorchDevice) -> int | None:
+    """Free bytes on the probed GPU right now (``torch.cuda.mem_get_info``), None on CPU."""
+    if not dev.cuda:
+        return None
+    import torch
+
+    free, _total = torch.cuda.mem_get_info(0)
+    return int(free)
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """Where a model of ``need`` bytes runs on ``dev``: ``device`` | ``offload`` | ``refuse``."""
+
+    action: str
+    need: int
+    have: int | None
+    message: str
+
+
+def memory_plan(
+    dev: TorchDevice,
+    *,
+    need: int,
+    largest: int,
+    free: int | None,
+    offload_allowed: bool,
+    what: str = "the pipeline",
+) -> MemoryPlan:
+    """Decide, from the probe's numbers, whether ``need`` bytes fit the device.
+
+    ``need`` is the whole pipeline resident (weights plus working memory); ``largest`` what must
+    fit at once under model CPU offload (the largest component plus working memory). ``free``
+    is the device's free memory now (None: use ``dev.total_memory``). CPU always fits here: host
+    memory is the container's limit, reported by the kernel, not by torch.
+    """
+    if not dev.cuda:
+        return MemoryPlan("device", need, None, f"{what} runs on CPU ({dev.reason or 'no GPU'})")
+    have = free if free is not None else dev.total_memory
+    if have is None:
+        return MemoryPlan("device", need, None, f"{dev.name}: memory unknown, trying {what} on the GPU")
+    numbers = f"{what} needs about {need / GiB:.1f} GiB; {dev.name} has {have / GiB:.1f} GiB free"
+    if dev.total_memory is not None:
+        numbers += f" of {dev.total_memory / GiB:.1f} GiB"
+    if need <= have:
+        return MemoryPlan("device", need, have, numbers)
+    if offload_allowed and largest <= have:
+        return MemoryPlan(
+            "offload",
+            need,
+            have,
+            numbers + f"; model CPU offload (largest part {largest / GiB:.1f} GiB on the GPU at a time)",
+        )
+    if offload_allowed:
+        return MemoryPlan(
+            "refuse",
+            need,
+            have,
+            numbers + f"; even with model CPU offload its largest part needs {largest / GiB:.1f} GiB",
+        )
+    return MemoryPlan(
+        "refuse", need, have, numbers + "; set WORKER_ANIMATE_OFFLOAD=1 for model CPU offload (slower)"
+    )

@@ -25,3 +25,20 @@ register(
         pipeline="worker.pipelines.video",
     )
 )
+
+register(
+    CapabilitySpec(
+        name="animate",
+        task="animate",
+        # ftfy: Wan's prompt cleaning needs it and diffusers does not declare it (a NameError at
+        # the first job otherwise); the pipeline class's own module is imported too
+        modules=(
+            "torch",
+            "transformers",
+            "diffusers",
+            "ftfy",
+            "diffusers.pipelines.wan.pipeline_wan_animate",
+        ),
+        pipeline="worker.pipelines.animate",
+    )
+)
