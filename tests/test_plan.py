@@ -37,9 +37,6 @@ def test_the_worker_reads_the_boots_settings_from_the_plan(tmp_path: Path) -> No
 
     env = worker_environ(boot, path)
     assert env[PLAN] == str(path)
-    # run no longer re-exports settings for the worker to parse again
-    for name in ("BOOTSTRAP_SERVE_API", "BOOTSTRAP_OPTIONAL"):
-        assert name not in env
     # The worker's process environment lacks what the boot resolved: the plan supplies it.
     bare = {k: v for k, v in env.items() if not k.startswith("BOOTSTRAP_") or k == PLAN}
     got = read_plan(path).worker_settings(bare)
