@@ -1677,6 +1677,8 @@ def _effective(s: Settings) -> dict[str, str]:
         "WORKER_MAX_INPUT_MB": f"{s.worker_max_input_bytes / 1024 / 1024:g}",
         "WORKER_MAX_PIXELS": str(s.worker_max_pixels),
         "WORKER_ALLOW_PRIVATE_URLS": str(int(s.worker_allow_private_urls)),
+        "WORKER_MAX_AUDIO_S": f"{s.worker_max_audio_s:g}",
+        "WORKER_MAX_TEXT_CHARS": str(s.worker_max_text_chars),
     }
 
 

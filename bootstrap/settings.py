@@ -41,6 +41,8 @@ WORKER_CONCURRENCY = "WORKER_CONCURRENCY"
 WORKER_MAX_INPUT_MB = "WORKER_MAX_INPUT_MB"
 WORKER_MAX_PIXELS = "WORKER_MAX_PIXELS"
 WORKER_ALLOW_PRIVATE_URLS = "WORKER_ALLOW_PRIVATE_URLS"
+WORKER_MAX_AUDIO_S = "WORKER_MAX_AUDIO_S"
+WORKER_MAX_TEXT_CHARS = "WORKER_MAX_TEXT_CHARS"
 
 PHASES_WITH_BUDGET = ("preflight", "env", "weights", "warm")
 DEFAULT_BUDGETS: Mapping[str, float] = {"preflight": 60, "env": 1800, "weights": 1800, "warm": 600}
@@ -52,6 +54,7 @@ KNOWN = (
     LEASE_TTL_S, PHASE_BUDGET_S, ON_FATAL, FATAL_GRACE_S, LOG_FORMAT, PYTHON, WORKER_ID,
     SERVE_API, REQUIRE_GPU, LOCKS, DEBUG, APP_DIR, PROJECT_DIR, WORKER_CONCURRENCY,
     WORKER_MAX_INPUT_MB, WORKER_MAX_PIXELS, WORKER_ALLOW_PRIVATE_URLS,
+    WORKER_MAX_AUDIO_S, WORKER_MAX_TEXT_CHARS,
 )  # fmt: skip
 
 _SECRET_WORDS = re.compile(r"TOKEN|SECRET|KEY|PASSWORD|PASSWD|CREDENTIAL", re.IGNORECASE)
@@ -201,6 +204,9 @@ class Settings:
     worker_max_input_bytes: int
     worker_max_pixels: int
     worker_allow_private_urls: bool
+    #: speech: longest audio input (seconds) and longest text (characters) a job may carry
+    worker_max_audio_s: float
+    worker_max_text_chars: int
     on_runpod: bool
     #: where each value came from: "env" or "default" (for diagnose)
     sources: Mapping[str, str] = field(default_factory=dict)
@@ -258,6 +264,8 @@ class Settings:
             "worker_max_input_bytes": int(_number(env, WORKER_MAX_INPUT_MB, 25, minimum=0) * 1024 * 1024),
             "worker_max_pixels": int(_number(env, WORKER_MAX_PIXELS, 40_000_000, minimum=1)),
             "worker_allow_private_urls": _bool(env, WORKER_ALLOW_PRIVATE_URLS, False),
+            "worker_max_audio_s": _number(env, WORKER_MAX_AUDIO_S, 600.0, minimum=1),
+            "worker_max_text_chars": int(_number(env, WORKER_MAX_TEXT_CHARS, 5000, minimum=1)),
             "on_runpod": on_runpod,
         }
         values.update(overrides)

@@ -21,6 +21,11 @@ JOB_CODES = (
     "NO_FACE_IN_SOURCE",
     "NO_FACE_IN_TARGET",
     "FACE_INDEX_OUT_OF_RANGE",
+    # speech (SPEC §10 "Speech")
+    "NOT_AUDIO",
+    "AUDIO_TOO_LONG",
+    "TEXT_TOO_LONG",
+    "UNSUPPORTED_LANGUAGE",
 )
 
 

@@ -18,7 +18,7 @@ from typing import Any
 
 from bootstrap.plan import Plan
 from bootstrap.timeline import Timeline
-from worker.capabilities import CAPABILITIES
+from worker.capabilities import CAPABILITIES, by_task
 from worker.errors import JobError, WorkerFault
 from worker.lifecycle import Lifecycle
 from worker.pipelines.base import Pipeline
@@ -72,6 +72,8 @@ class Worker:
             for p in info.get("providers", []):
                 if p not in device["providers"]:
                     device["providers"].append(p)
+            if "torch" in info:  # a torch capability: worker.torchdev.describe()
+                device["torch"] = info["torch"]
         out: dict[str, Any] = {
             "status": "ok" if ok else "degraded",
             "capabilities": caps,
@@ -128,9 +130,9 @@ class Worker:
             raise WorkerFault(
                 f"worker failed to boot: {self.fatal.get('name')} ({self.fatal.get('code')}): {self.fatal.get('error')} — {self.fatal.get('hint')}"
             )
-        spec = next((s for s in CAPABILITIES.values() if s.task == task), None)
+        spec = by_task(task)
         if spec is None:
-            known = sorted({"health"} | {s.task for s in CAPABILITIES.values()})
+            known = sorted({"health"} | {t for s in CAPABILITIES.values() for t in s.tasks})
             raise JobError("UNKNOWN_TASK", f"unknown task {task!r}; known tasks: {', '.join(known)}")
         pipeline = self.pipelines.get(spec.name)
         if pipeline is None:
