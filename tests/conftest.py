@@ -70,3 +70,19 @@ def env_volume_factory(tmp_path_factory: pytest.TempPathFactory):  # type: ignor
         return volume
 
     return make
+
+
+@pytest.fixture(scope="session")
+def torch_env_volume(env_volume_factory):  # type: ignore[no-untyped-def]
+    """Clone the session's ONE torch environment (speech, video and animate together, built
+    once by the product through `env_volume_factory`) into a test's volume.
+
+    A boot that selects fewer of them (``BOOTSTRAP_EXTRAS=speech``) then clones this env and lets
+    uv remove what it does not need, instead of installing torch again.
+    """
+    from tests.helpers import TORCH_EXTRAS
+
+    def make(volume: Path) -> Path:
+        return env_volume_factory(volume, TORCH_EXTRAS)  # type: ignore[no-any-return]
+
+    return make

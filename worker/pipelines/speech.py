@@ -59,10 +59,17 @@ with contextlib.redirect_stdout(sys.stderr):
     from transformers import WhisperForConditionalGeneration, WhisperProcessor, pipeline
 
 NAME = "speech"
-F5_CKPT_DEST = "speech/f5-tts/F5TTS_v1_Base/model_1250000.safetensors"
-F5_VOCAB_DEST = "speech/f5-tts/F5TTS_v1_Base/vocab.txt"
-VOCOS_DEST = "speech/vocos-mel-24khz/config.yaml"
-WHISPER_DEST = "speech/whisper-large-v3-turbo/config.json"
+#: Manifest dests: each model is a ``[[repo]]`` directory (worker/models.speech.toml); until
+#: every manifest has repos, the same files may come as ``[[file]]`` entries under it.
+F5_REPO = "speech/f5-tts"
+F5_CKPT = "F5TTS_v1_Base/model_1250000.safetensors"
+F5_VOCAB = "F5TTS_v1_Base/vocab.txt"
+VOCOS_REPO = "speech/vocos-mel-24khz"
+WHISPER_REPO = "speech/whisper-large-v3-turbo"
+F5_CKPT_DEST = f"{F5_REPO}/{F5_CKPT}"
+F5_VOCAB_DEST = f"{F5_REPO}/{F5_VOCAB}"
+VOCOS_DEST = f"{VOCOS_REPO}/config.yaml"
+WHISPER_DEST = f"{WHISPER_REPO}/config.json"
 
 SAMPLE_RATE = utils_infer.target_sample_rate  # 24000
 WHISPER_RATE = 16000
@@ -72,6 +79,14 @@ REF_CACHE_SIZE = 32
 #: filesystems where mmap of a large file stalls (page faults become network round trips)
 NETWORK_FS = ("nfs", "nfs4", "cifs", "smb3", "fuse.mfs", "fuse.moosefs", "ceph", "fuse.s3fs", "9p", "lustre")
 OUTPUT_FORMATS = tuple(waudio.OUTPUT_FORMATS)
+
+
+def model_file(ctx: LoadContext, repo_dest: str, rel: str) -> Path:
+    """``rel`` inside the plan's ``[[repo]]`` directory ``repo_dest``, or the plan's ``[[file]]``
+    entry ``repo_dest/rel``; neither is a clear error naming what the plan has (F3)."""
+    if repo_dest in ctx.models:
+        return Path(ctx.models[repo_dest]) / rel
+    return Path(ctx.model_path(f"{repo_dest}/{rel}"))
 
 
 # -- loading ------------------------------------------------------------------------------------
@@ -95,6 +110,12 @@ def filesystem_type(path: str) -> str:
     return kind
 
 
+def on_network_fs(path: str) -> bool:
+    """NFS/SMB/Ceph/Lustre, or any FUSE mount (MooseFS mounts as plain ``fuse``)."""
+    fs = filesystem_type(path)
+    return fs in NETWORK_FS or fs == "fuse" or fs.startswith("fuse.")
+
+
 def read_safetensors(path: str, device: str = "cpu") -> dict[str, Any]:
     """A safetensors file as a state dict, with the loader measured best for its filesystem.
 
@@ -105,8 +126,7 @@ def read_safetensors(path: str, device: str = "cpu") -> dict[str, Any]:
     """
     import safetensors.torch
 
-    fs = filesystem_type(path)
-    if fs in NETWORK_FS or fs.startswith("fuse."):
+    if on_network_fs(path):
         with open(path, "rb") as f:
             state = safetensors.torch.load(f.read())
         return {k: v.to(device) for k, v in state.items()} if device != "cpu" else state
@@ -116,8 +136,7 @@ def read_safetensors(path: str, device: str = "cpu") -> dict[str, Any]:
 def prefetch(directory: Path) -> None:
     """Read a model directory's files once, sequentially, on a network filesystem, so the
     loader's mmap then hits the page cache instead of faulting page by page over the network."""
-    fs = filesystem_type(str(directory))
-    if not (fs in NETWORK_FS or fs.startswith("fuse.")):
+    if not on_network_fs(str(directory)):
         return
     for p in sorted(directory.iterdir()):
         if p.is_file():
@@ -457,10 +476,10 @@ class Speech:
                 "or set BOOTSTRAP_REQUIRE_GPU=0 to allow CPU",
             )
         self.dtype = self.dev.dtype()
-        ckpt = ctx.model_path(F5_CKPT_DEST)
-        vocab = ctx.model_path(F5_VOCAB_DEST)
-        vocos_dir = Path(ctx.model_path(VOCOS_DEST)).parent
-        whisper_dir = Path(ctx.model_path(WHISPER_DEST)).parent
+        ckpt = str(model_file(ctx, F5_REPO, F5_CKPT))
+        vocab = str(model_file(ctx, F5_REPO, F5_VOCAB))
+        vocos_dir = model_file(ctx, VOCOS_REPO, "config.yaml").parent
+        whisper_dir = model_file(ctx, WHISPER_REPO, "config.json").parent
         for label, path in (("F5 checkpoint", ckpt), ("F5 vocab", vocab)):
             if not Path(path).is_file():
                 raise FileNotFoundError(f"expected the {label} at {path}, found nothing there")
