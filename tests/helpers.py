@@ -28,8 +28,18 @@ SCRUBBED_PREFIXES = ("AWS_", "HF_", "RUNPOD_", "BUCKET_", "BOOTSTRAP_", "WORKER_
 
 #: Marker files (which extras sets the shared cache is known to hold) and the fill lock.
 TEST_CACHE_HOME = Path(os.environ.get("VW_TEST_CACHE_HOME", Path.home() / ".cache" / "volume-worker-tests"))
-#: The torch capabilities, built together once per test session (`torch_env` in conftest).
-TORCH_EXTRAS = ("animate", "speech", "video")
+
+
+def _registered(names: tuple[str, ...]) -> tuple[str, ...]:
+    from worker import pipelines  # noqa: F401 - registers the capabilities (standard library only)
+    from worker.capabilities import CAPABILITIES
+
+    return tuple(n for n in names if n in CAPABILITIES)
+
+
+#: The torch capabilities, built together once per test session (`torch_env_volume` in
+#: conftest): those of speech, video and animate whose pipelines this checkout registers.
+TORCH_EXTRAS = _registered(("animate", "speech", "video"))
 
 
 def shared_uv_cache() -> Path:
