@@ -56,7 +56,7 @@ def env_volume_factory(tmp_path_factory: pytest.TempPathFactory):  # type: ignor
                     BOOTSTRAP_EXTRAS=",".join(key),
                     BOOTSTRAP_WORKER_ID="template",
                 ),
-                timeout=900,
+                timeout=3000,  # a torch env (uv sync + bytecode) on a loaded machine
             )
             assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
             templates[key] = template
