@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import functools
 import os
 import statistics
 import subprocess
@@ -25,6 +26,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+print = functools.partial(print, flush=True)  # figures appear as they are measured
 
 REPO = Path(__file__).resolve().parent.parent
 
