@@ -22,9 +22,12 @@ Everything comes from fixed seeds. `build(root)` writes all three under the mani
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +51,17 @@ WORDS = ["hello", "world", "there", "voice", "speech", "test", "the", "a", "is",
 LANGS = ["en", "de", "fr"]
 
 
+@contextlib.contextmanager
+def _quiet_imports() -> Iterator[None]:
+    """f5_tts/vocos import torch.jit.script-decorated code, deprecated in torch 2.10: a
+    DeprecationWarning that the suite's ``filterwarnings = error`` would turn into a failure
+    when the first import happens inside a fixture."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", FutureWarning)
+        yield
+
+
 def vocab_chars() -> list[str]:
     chars = [" "]
     chars += [chr(c) for c in range(ord("a"), ord("z") + 1)]
@@ -59,9 +73,10 @@ def vocab_chars() -> list[str]:
 
 def build_f5(root: Path) -> Path:
     """The tiny F5 checkpoint + vocab under ``root/F5_DIR``."""
-    import torch
-    from f5_tts.model import CFM, DiT
-    from safetensors.torch import save_file
+    with _quiet_imports():
+        import torch
+        from f5_tts.model import CFM, DiT
+        from safetensors.torch import save_file
 
     out = root / F5_DIR
     out.mkdir(parents=True, exist_ok=True)
@@ -127,8 +142,9 @@ head:
 
 
 def build_vocos(root: Path) -> Path:
-    import torch
-    from vocos import Vocos
+    with _quiet_imports():
+        import torch
+        from vocos import Vocos
 
     out = root / VOCOS_DIR
     out.mkdir(parents=True, exist_ok=True)
@@ -155,15 +171,16 @@ def _special_tokens() -> list[str]:
 
 def build_whisper(root: Path) -> Path:
     """A tiny Whisper in transformers format, tokenizer and processor included."""
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import (
-        GenerationConfig,
-        WhisperConfig,
-        WhisperFeatureExtractor,
-        WhisperForConditionalGeneration,
-        WhisperTokenizerFast,
-    )
+    with _quiet_imports():
+        import torch
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+        from transformers import (
+            GenerationConfig,
+            WhisperConfig,
+            WhisperFeatureExtractor,
+            WhisperForConditionalGeneration,
+            WhisperTokenizerFast,
+        )
 
     out = root / WHISPER_DIR
     out.mkdir(parents=True, exist_ok=True)
