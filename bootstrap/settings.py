@@ -66,6 +66,8 @@ WORKER_MAX_VIDEO_MB = "WORKER_MAX_VIDEO_MB"
 WORKER_WEBHOOK_SECRET = "WORKER_WEBHOOK_SECRET"  # noqa: S105 - the variable's name, not a secret
 WORKER_ANIMATE_OFFLOAD = "WORKER_ANIMATE_OFFLOAD"
 WORKER_ANIMATE_MAX_FRAMES = "WORKER_ANIMATE_MAX_FRAMES"
+WORKER_MAX_AUDIO_S = "WORKER_MAX_AUDIO_S"
+WORKER_MAX_TEXT_CHARS = "WORKER_MAX_TEXT_CHARS"
 
 PHASES_WITH_BUDGET = ("preflight", "env", "weights", "warm")
 DEFAULT_BUDGETS: Mapping[str, float] = {"preflight": 60, "env": 1800, "weights": 1800, "warm": 600}
@@ -80,6 +82,7 @@ KNOWN = (
     WORKER_S3_BUCKETS, WORKER_PRESIGN_TTL_S,
     WORKER_MAX_VIDEO_S, WORKER_MAX_VIDEO_MB, WORKER_WEBHOOK_SECRET, WORKER_MAX_RESULT_MB,
     WORKER_ANIMATE_OFFLOAD, WORKER_ANIMATE_MAX_FRAMES,
+    WORKER_MAX_AUDIO_S, WORKER_MAX_TEXT_CHARS,
 )  # fmt: skip
 
 _SECRET_WORDS = re.compile(r"TOKEN|SECRET|KEY|PASSWORD|PASSWD|CREDENTIAL", re.IGNORECASE)
@@ -288,6 +291,9 @@ class Settings:
     worker_max_result_bytes: int
     #: HMAC key of the worker's own webhooks (SPEC §11); None: sent unsigned
     worker_webhook_secret: str | None = field(repr=False)
+    #: speech: longest audio input (seconds) and longest text (characters) a job may carry
+    worker_max_audio_s: float
+    worker_max_text_chars: int
     on_runpod: bool
     #: model CPU offload for `animate` on a GPU too small to hold the pipeline
     worker_animate_offload: bool = False
@@ -362,6 +368,8 @@ class Settings:
             "worker_max_video_bytes": int(_number(env, WORKER_MAX_VIDEO_MB, 500, minimum=0) * 1024 * 1024),
             "worker_max_result_bytes": int(_number(env, WORKER_MAX_RESULT_MB, 15, minimum=0) * 1024 * 1024),
             "worker_webhook_secret": env.get(WORKER_WEBHOOK_SECRET) or None,
+            "worker_max_audio_s": _number(env, WORKER_MAX_AUDIO_S, 600.0, minimum=1),
+            "worker_max_text_chars": int(_number(env, WORKER_MAX_TEXT_CHARS, 5000, minimum=1)),
             "on_runpod": on_runpod,
             "worker_animate_offload": _bool(env, WORKER_ANIMATE_OFFLOAD, False),
             "worker_animate_max_frames": int(_number(env, WORKER_ANIMATE_MAX_FRAMES, 385, minimum=2)),

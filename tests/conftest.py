@@ -56,7 +56,7 @@ def env_volume_factory(tmp_path_factory: pytest.TempPathFactory):  # type: ignor
                     BOOTSTRAP_EXTRAS=",".join(key),
                     BOOTSTRAP_WORKER_ID="template",
                 ),
-                timeout=900,
+                timeout=3000,  # a torch env (uv sync + bytecode) on a loaded machine
             )
             assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
             templates[key] = template
@@ -68,5 +68,21 @@ def env_volume_factory(tmp_path_factory: pytest.TempPathFactory):  # type: ignor
         for sub in ("logs", "state", "leases"):
             subprocess.run(["rm", "-rf", str(dst / sub)], check=True)
         return volume
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def torch_env_volume(env_volume_factory):  # type: ignore[no-untyped-def]
+    """Clone the session's ONE torch environment (speech, video and animate together, built
+    once by the product through `env_volume_factory`) into a test's volume.
+
+    A boot that selects fewer of them (``BOOTSTRAP_EXTRAS=speech``) then clones this env and lets
+    uv remove what it does not need, instead of installing torch again.
+    """
+    from tests.helpers import TORCH_EXTRAS
+
+    def make(volume: Path) -> Path:
+        return env_volume_factory(volume, TORCH_EXTRAS)  # type: ignore[no-any-return]
 
     return make

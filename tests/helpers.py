@@ -26,11 +26,37 @@ BOOTSTRAP = [sys.executable, "-m", "bootstrap"]
 #: Variables a developer's shell may carry that must never leak into a test's worker.
 SCRUBBED_PREFIXES = ("AWS_", "HF_", "RUNPOD_", "BUCKET_", "BOOTSTRAP_", "WORKER_", "UV_", "VIRTUAL_ENV")
 
-#: A uv cache shared by the test session (and kept between runs on one machine), copied into
-#: each test volume by hard links so env builds do not download the same wheels again.
-SHARED_UV_CACHE = Path(
-    os.environ.get("VW_TEST_UV_CACHE", Path.home() / ".cache" / "volume-worker-tests" / "uv-cache")
-)
+#: Marker files (which extras sets the shared cache is known to hold) and the fill lock.
+TEST_CACHE_HOME = Path(os.environ.get("VW_TEST_CACHE_HOME", Path.home() / ".cache" / "volume-worker-tests"))
+
+
+def _registered(names: tuple[str, ...]) -> tuple[str, ...]:
+    from worker import pipelines  # noqa: F401 - registers the capabilities (standard library only)
+    from worker.capabilities import CAPABILITIES
+
+    return tuple(n for n in names if n in CAPABILITIES)
+
+
+#: The torch capabilities, built together once per test session (`torch_env_volume` in
+#: conftest): those of speech, video and animate whose pipelines this checkout registers.
+TORCH_EXTRAS = _registered(("animate", "speech", "video"))
+
+
+def shared_uv_cache() -> Path:
+    """The uv cache the dev venv was synced from (``uv cache dir``), so test volumes reuse the
+    wheels already downloaded for it instead of a second multi-GB download for torch.
+    ``VW_TEST_UV_CACHE`` overrides it."""
+    override = os.environ.get("VW_TEST_UV_CACHE")
+    if override:
+        return Path(override)
+    proc = subprocess.run(
+        [sys.executable, "-m", "uv", "cache", "dir"], capture_output=True, text=True, check=False
+    )
+    found = proc.stdout.strip()
+    return Path(found) if proc.returncode == 0 and found else Path.home() / ".cache" / "uv"
+
+
+SHARED_UV_CACHE = shared_uv_cache()
 
 
 def base_environ(**overrides: str) -> dict[str, str]:
@@ -55,29 +81,61 @@ def free_port() -> int:
 
 
 def seed_uv_cache(volume_root: Path, extras: tuple[str, ...] = ()) -> None:
-    """Hard-link a warm uv cache (for the project's lock with ``extras``) into a test volume.
+    """Hard-link the dev uv cache (holding the project's lock with ``extras``) into a test volume.
 
-    The shared cache is filled once per extras set by a real ``uv sync`` (under a file lock, so
-    parallel test processes fill it once). Only the cache is seeded: every env is still built by
-    the product, with the product's commands.
+    Internal logic:
+
+    1. once per extras set and lock (a marker under `TEST_CACHE_HOME`, under a file lock so
+       parallel test processes do it once), a real ``uv sync`` into a scratch env makes sure the
+       cache holds every wheel: ``--offline`` first (the dev venv's sync already filled it),
+       online only when something is missing; hard links into the scratch env when it shares
+       the cache's filesystem, so the check copies nothing;
+    2. the cache is then hard-linked (``cp -al``) into ``<volume>/.bootstrap/uv-cache``; on
+       another filesystem, where links cannot go, it is copied (``cp -a``). uv writes cache
+       entries by temp file + rename, so a test's uv never changes the shared files in place.
+
+    Only the cache is seeded: every env is still built by the product, with its own commands.
     """
-    SHARED_UV_CACHE.mkdir(parents=True, exist_ok=True)
-    marker = SHARED_UV_CACHE.parent / f"filled-{'-'.join(sorted(extras)) or 'base'}-{_lock_digest()}"
-    with open(SHARED_UV_CACHE.parent / "fill.lock", "w") as lock:
+    cache = shared_uv_cache()
+    cache.mkdir(parents=True, exist_ok=True)
+    TEST_CACHE_HOME.mkdir(parents=True, exist_ok=True)
+    marker = (
+        TEST_CACHE_HOME / f"holds-{_cache_id(cache)}-{'-'.join(sorted(extras)) or 'base'}-{_lock_digest()}"
+    )
+    with open(TEST_CACHE_HOME / "fill.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not marker.exists():
-            scratch = SHARED_UV_CACHE.parent / f"scratch-{uuid.uuid4().hex[:8]}"
-            cmd = ["uv", "sync", "--frozen", "--no-install-project", "--no-dev", "--link-mode", "copy"]
+            scratch_parent = cache.parent if _same_fs(cache.parent, cache) else TEST_CACHE_HOME
+            scratch = scratch_parent / f".vw-scratch-{uuid.uuid4().hex[:8]}"
+            link = "hardlink" if _same_fs(scratch_parent, cache) else "copy"
+            cmd = ["uv", "sync", "--frozen", "--no-install-project", "--no-dev", "--link-mode", link]
             for extra in extras:
                 cmd += ["--extra", extra]
-            env = base_environ(UV_CACHE_DIR=str(SHARED_UV_CACHE), UV_PROJECT_ENVIRONMENT=str(scratch))
-            subprocess.run(cmd, cwd=REPO, env=env, check=True, capture_output=True)
-            shutil.rmtree(scratch, ignore_errors=True)
+            env = base_environ(UV_CACHE_DIR=str(cache), UV_PROJECT_ENVIRONMENT=str(scratch))
+            try:
+                offline = subprocess.run(
+                    [*cmd, "--offline"], cwd=REPO, env=env, capture_output=True, check=False
+                )
+                if offline.returncode != 0:
+                    subprocess.run(cmd, cwd=REPO, env=env, check=True, capture_output=True)
+            finally:
+                shutil.rmtree(scratch, ignore_errors=True)
             marker.touch()
     target = volume_root / ".bootstrap" / "uv-cache"
     target.parent.mkdir(parents=True, exist_ok=True)
     if not target.exists():
-        subprocess.run(["cp", "-al", str(SHARED_UV_CACHE), str(target)], check=True)
+        how = "-al" if _same_fs(target.parent, cache) else "-a"
+        subprocess.run(["cp", how, str(cache), str(target)], check=True)
+
+
+def _same_fs(a: Path, b: Path) -> bool:
+    return os.stat(a).st_dev == os.stat(b).st_dev
+
+
+def _cache_id(cache: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(str(cache.resolve()).encode()).hexdigest()[:8]
 
 
 def _lock_digest() -> str:

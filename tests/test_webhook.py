@@ -40,12 +40,15 @@ def _config(**kw: Any) -> webhook.WebhookConfig:
 
 
 def _bare_worker(config: webhook.WebhookConfig, stream: io.StringIO | None = None) -> Worker:
-    return Worker(
+    w = Worker(
         plan=Plan(worker_id="t", volume="/x", app_dir="."),
         timeline=Timeline("t", stream=stream or io.StringIO()),
         lifecycle=Lifecycle(),
         webhooks=config,
     )
+    w.lifecycle.to(State.WARM)
+    w.lifecycle.to(State.READY)
+    return w
 
 
 def _check_signed(delivery: Any, job_id: str) -> dict[str, Any]:

@@ -16,6 +16,12 @@ class CapabilitySpec:
     modules: tuple[str, ...]
     #: the pipeline module (has ``load(ctx) -> Pipeline``)
     pipeline: str
+    #: further task names served by the same pipeline (``speech``: ``tts`` and ``transcribe``)
+    also: tuple[str, ...] = ()
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        return (self.task, *self.also)
 
 
 #: Always installed: the worker's base.
@@ -30,6 +36,6 @@ def register(spec: CapabilitySpec) -> None:
 
 def by_task(task: str) -> CapabilitySpec | None:
     for spec in CAPABILITIES.values():
-        if spec.task == task:
+        if task in spec.tasks:
             return spec
     return None

@@ -165,6 +165,8 @@ def classify_runtime_error(err: BaseException) -> tuple[str, bool] | None:
     if isinstance(err, MemoryError):
         return ("out of memory while running the models", True)
     text = f"{type(err).__name__}: {err}".lower()
+    if "can't allocate memory" in text or "cannot allocate memory" in text:  # torch's CPU allocator
+        return (f"host out of memory while running the models: {str(err)[:300]}", True)
     if any(m in text for m in _OOM_MARKERS):
         where = "GPU" if any(m in text for m in _CUDA_MARKERS) else "device"
         return (f"{where} out of memory while running the models: {str(err)[:300]}", True)

@@ -28,6 +28,11 @@ JOB_CODES = (
     "NO_FACE_IN_VIDEO",
     # a base64 result over WORKER_MAX_RESULT_MB: ask for output "s3"
     "RESULT_TOO_LARGE",
+    # speech (SPEC §10 "Speech")
+    "NOT_AUDIO",
+    "AUDIO_TOO_LONG",
+    "TEXT_TOO_LONG",
+    "UNSUPPORTED_LANGUAGE",
 )
 
 

@@ -23,7 +23,7 @@ from typing import Any
 from bootstrap.plan import Capability, Plan
 from bootstrap.timeline import Timeline
 from worker import jobctx, webhook
-from worker.capabilities import CAPABILITIES
+from worker.capabilities import CAPABILITIES, by_task
 from worker.device import classify_runtime_error
 from worker.errors import JobError, WorkerFault
 from worker.lifecycle import Lifecycle, State
@@ -168,9 +168,9 @@ class Worker:
         refusal = self.lifecycle.refusal()
         if refusal is not None:  # starting/warm: not ready yet; failed: the boot error
             raise refusal
-        spec = next((s for s in CAPABILITIES.values() if s.task == task), None)
+        spec = by_task(task)
         if spec is None:
-            known = sorted({"health"} | {s.task for s in CAPABILITIES.values()})
+            known = sorted({"health"} | {t for s in CAPABILITIES.values() for t in s.tasks})
             raise JobError("UNKNOWN_TASK", f"unknown task {task!r}; known tasks: {', '.join(known)}")
         pipeline = self.pipelines.get(spec.name)
         if pipeline is None:

@@ -55,6 +55,9 @@ _WANTED_FORMATS = ("PNG", "JPEG", "MPO", "WEBP", "GIF", "BMP", "TIFF")
 OUTPUT_FORMATS = {"png": "PNG", "jpeg": "JPEG", "jpg": "JPEG", "webp": "WEBP"}
 CONTENT_TYPES = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
 EXTENSIONS = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp"}
+# Audio outputs (the speech capability) upload through the same `Uploader`.
+CONTENT_TYPES.update({"WAV": "audio/wav", "FLAC": "audio/flac", "MP3": "audio/mpeg", "OGG": "audio/ogg"})
+EXTENSIONS.update({"WAV": "wav", "FLAC": "flac", "MP3": "mp3", "OGG": "ogg"})
 # `decode_image` enforces WORKER_MAX_PIXELS from the header itself; Pillow's own guard would
 # answer differently (a warning, or an error under another name) around its fixed 89 M pixels.
 Image.MAX_IMAGE_PIXELS = None

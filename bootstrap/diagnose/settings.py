@@ -34,6 +34,16 @@ def _effective(s: Settings) -> dict[str, str]:
         "WORKER_MAX_INPUT_MB": f"{s.worker_max_input_bytes / 1024 / 1024:g}",
         "WORKER_MAX_PIXELS": str(s.worker_max_pixels),
         "WORKER_ALLOW_PRIVATE_URLS": str(int(s.worker_allow_private_urls)),
+        "WORKER_MAX_FACES": str(s.worker_max_faces),
+        "WORKER_S3_BUCKETS": ",".join(s.worker_s3_buckets) or "(only BUCKET_NAME)",
+        "WORKER_PRESIGN_TTL_S": str(s.worker_presign_ttl_s),
+        "WORKER_MAX_VIDEO_S": f"{s.worker_max_video_s:g}",
+        "WORKER_MAX_VIDEO_MB": f"{s.worker_max_video_bytes / 1024 / 1024:g}",
+        "WORKER_MAX_RESULT_MB": f"{s.worker_max_result_bytes / 1024 / 1024:g}",
+        "WORKER_MAX_AUDIO_S": f"{s.worker_max_audio_s:g}",
+        "WORKER_MAX_TEXT_CHARS": str(s.worker_max_text_chars),
+        "WORKER_ANIMATE_OFFLOAD": str(int(s.worker_animate_offload)),
+        "WORKER_ANIMATE_MAX_FRAMES": str(s.worker_animate_max_frames),
     }
 
 

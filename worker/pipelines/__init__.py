@@ -42,3 +42,14 @@ register(
         pipeline="worker.pipelines.animate",
     )
 )
+
+register(
+    CapabilitySpec(
+        name="speech",
+        task="tts",
+        also=("transcribe",),
+        # the smoke test imports these in the built env, then the pipeline module itself
+        modules=("f5_tts", "f5_tts.infer.utils_infer", "transformers", "torch", "torchaudio", "soundfile"),
+        pipeline="worker.pipelines.speech",
+    )
+)

@@ -61,9 +61,9 @@ from typing import Any
 import numpy as np
 
 from bootstrap.errors import GpuError
-from worker import device, pose, torchdev
 from worker import io as wio
-from worker.errors import JobError, WorkerFault
+from worker import pose, torchdev
+from worker.errors import JobError
 from worker.pipelines.base import LoadContext
 
 NAME = "animate"
@@ -367,31 +367,6 @@ def component_bytes(model_dir: Path, float_bytes: int) -> dict[str, int]:
 def working_bytes(weights: int) -> int:
     """Activation and VAE-decode headroom on top of the weights: 15% of them, at least 256 MiB."""
     return max(256 * 1024**2, int(weights * 0.15))
-
-
-# -- errors ------------------------------------------------------------------------------------
-
-
-def classify(err: BaseException) -> tuple[str, bool] | None:
-    """`device.classify_runtime_error`, plus torch's CPU allocator failure (a host OOM)."""
-    text = str(err).lower()
-    if "can't allocate memory" in text or "cannot allocate memory" in text:
-        return (f"host out of memory while running the models: {str(err)[:300]}", True)
-    return device.classify_runtime_error(err)
-
-
-@contextlib.contextmanager
-def _model_errors() -> Iterator[None]:
-    try:
-        yield
-    except (JobError, WorkerFault):
-        raise
-    except Exception as err:
-        found = classify(err)
-        if found is None:
-            raise
-        message, refresh = found
-        raise WorkerFault(message, refresh=refresh) from err
 
 
 class _Stages:
@@ -706,7 +681,7 @@ class Animate:
                     f"the driving video is {info.duration:.1f} s, {expected} frames at {req.fps:g} fps; the limit is "
                     f"{self.max_frames} frames per job (WORKER_ANIMATE_MAX_FRAMES): trim it, lower fps, or split the job",
                 )
-            with t.stage("preprocess"), _model_errors():
+            with t.stage("preprocess"):
                 frames = _decode_frames(video_path, req.fps, req.width, req.height, what="the driving video")
                 n = int(frames.shape[0])
                 if n > self.max_frames:
@@ -751,7 +726,7 @@ class Animate:
                 else:
                     masks = None
                 character = np.ascontiguousarray(image.bgr[:, :, ::-1])
-            with t.stage("generate"), _model_errors():
+            with t.stage("generate"):
                 video = self.generate(
                     character,
                     poses,
