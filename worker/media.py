@@ -820,7 +820,7 @@ __all__ = [
 # -- fetching a video -------------------------------------------------------------------------
 
 
-def fetch_to_file(
+def fetch_to_file(  # noqa: C901 - one redirect loop with its error answers, as io.fetch_url; TODO split with it
     url: str,
     policy: Any,
     dest: IO[bytes],

@@ -650,7 +650,7 @@ class Animate:
             )
         return frames[:n]
 
-    def run(self, job_input: dict[str, Any], progress: Progress | None = None) -> dict[str, Any]:
+    def run(self, job_input: dict[str, Any], progress: Progress | None = None) -> dict[str, Any]:  # noqa: C901 - the job's stages in order; TODO split per stage
         """Animate the picture with the driving video; see the module docstring."""
         req = parse_input(job_input, self.uploader.allowed_buckets)
         if req.output.kind == "s3":

@@ -311,7 +311,7 @@ class FaceSwapVideo:
         )
         return out
 
-    def _transcode(
+    def _transcode(  # noqa: C901 - decode → swap → encode threads and their teardown; TODO split
         self,
         req: VideoRequest,
         info: media.VideoInfo,
