@@ -119,6 +119,7 @@ def run_timing(settings: Settings, opts: Options, *, say: Callable[[str], None] 
             seed_cache=str(opts.seed_cache) if opts.seed_cache else None,
             corrupt=opts.corrupt,
             scratch=str(runner.scratch),
+            hosts=[str(v) for v in runner.views],
         ),
     )
     try:

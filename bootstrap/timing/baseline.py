@@ -19,6 +19,7 @@ from bootstrap.manifest import ModelFile, load_manifest, selected
 from bootstrap.plan import Capability, Plan, write_plan
 from bootstrap.settings import HF_DEFAULT_ENDPOINT, HF_ENDPOINT, HF_TOKEN, Settings
 from bootstrap.timing.boot import PER_BOOT, Boot, boot_environ, drive, free_port, tail
+from bootstrap.urls import parse_hf, scheme_of
 
 if TYPE_CHECKING:
     from bootstrap.timing.scenarios import Runner
@@ -49,14 +50,10 @@ def plain_url(f: ModelFile, mirror: str | None, environ: Mapping[str, str]) -> s
         raise ConfigError(
             f"baseline cannot download from {mirror}", hint="give a directory or https:// mirror"
         )
-    parts = urllib.parse.urlsplit(f.source)
-    if parts.scheme == "hf":
-        path = parts.path.lstrip("/").split("/")
-        repo, inner = f"{parts.netloc}/{path[0]}", "/".join(path[1:])
-        revision = urllib.parse.parse_qs(parts.query).get("revision", ["main"])[0]
-        endpoint = (environ.get(HF_ENDPOINT) or HF_DEFAULT_ENDPOINT).rstrip("/")
-        return f"{endpoint}/{repo}/resolve/{revision}/{inner}"
-    if parts.scheme in ("https", "http", "file"):
+    scheme = scheme_of(f.source)
+    if scheme == "hf":
+        return parse_hf(f.source).resolve_url(environ.get(HF_ENDPOINT) or HF_DEFAULT_ENDPOINT)
+    if scheme in ("https", "http", "file"):
         return f.source
     raise ConfigError(
         f"baseline cannot download {f.source}", hint="give a directory or https:// mirror (--mirror)"

@@ -52,6 +52,8 @@ class Boot:
     env_reused: bool | None = None
     quarantined: int | None = None
     log: str = ""
+    #: the volume directory this boot was given (with ``--hosts``, through its host's mount)
+    volume: str = ""
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)

@@ -30,7 +30,12 @@ class Options:
     scenarios: list[Scenario]
     repeat: int = 1
     out: Path = Path("timing")
+    #: where scratch volumes are made (default ``out/scratch``)
     scratch: Path | None = None
+    #: the same directory as ``scratch`` seen through other mounts of one filesystem (other hosts)
+    mounts: tuple[Path, ...] = ()
+    #: ``concurrent`` workers spread round-robin over this many of ``scratch`` + ``mounts``
+    hosts: int = 1
     job: dict[str, Any] = field(default_factory=lambda: dict(HEALTH_JOB))
     extras: str | None = None
     manifest: str | None = None

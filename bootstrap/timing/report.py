@@ -98,6 +98,8 @@ class TimingConfig:
     seed_cache: str | None = None
     corrupt: str = "truncate"
     scratch: str = ""
+    #: each host's view of ``scratch`` (``--hosts``; one entry without it)
+    hosts: list[str] = field(default_factory=list)
 
 
 @dataclass

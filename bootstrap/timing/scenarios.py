@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -32,6 +33,8 @@ class Runner:
         self.scratch = (opts.scratch or self.out / "scratch").resolve()
         self.logs = self.out / "logs"
         self.scratch.mkdir(parents=True, exist_ok=True)
+        #: the scratch directory as each host sees it (``--hosts``): the first is ``scratch``
+        self.views = host_views(self.scratch, [m.resolve() for m in opts.mounts], opts.hosts)
         self.logs.mkdir(parents=True, exist_ok=True)
         self.start_sh = render(settings, None, self.scratch / "start.sh", [])
         self._warm: Path | None = None
@@ -57,7 +60,7 @@ class Runner:
     def boot(self, volume: Path, worker_id: str) -> Boot:
         port = free_port()
         env = boot_environ(self.settings, self.opts, volume, worker_id, port)
-        return drive(
+        boot = drive(
             [str(self.start_sh)],
             env,
             cwd=self.settings.app_dir,
@@ -68,6 +71,8 @@ class Runner:
             log=self.logs / f"{worker_id}.out",
             timeout_s=self.opts.timeout_s,
         )
+        boot.volume = str(volume)
+        return boot
 
     def warm_volume(self) -> tuple[Path | None, Boot | None]:
         """A volume holding everything (made by one untimed cold boot), shared by warm and recover."""
@@ -102,13 +107,15 @@ class Runner:
         return Repeat(all(b.ok for b in boots), dict(slowest.phases), boots)
 
     def concurrent(self, workers: int, rep: int) -> list[Boot]:
-        """N boots at once on one empty volume; once all succeed it is a warm volume too."""
+        """N boots at once on one empty volume; once all succeed it is a warm volume too. With
+        ``--hosts H`` worker n reaches the volume through host n mod H's mount of it."""
         root = self.volume(f"concurrent{workers}")
+        rel = root.relative_to(self.scratch)
         results: list[Boot | None] = [None] * workers
         ids = [self.worker_id("concurrent", rep, n) for n in range(workers)]
 
         def one(n: int) -> None:
-            results[n] = self.boot(root, ids[n])
+            results[n] = self.boot(self.views[n % len(self.views)] / rel, ids[n])
 
         threads = [threading.Thread(target=one, args=(n,), name=f"timing-{n}") for n in range(workers)]
         for t in threads:
@@ -149,6 +156,45 @@ class Runner:
     def baseline(self, rep: int) -> Boot:
         root = self.volume("baseline")
         return run_baseline(self, root, self.worker_id("baseline", rep))
+
+
+def host_views(scratch: Path, mounts: list[Path], hosts: int, wait_s: float = 10.0) -> list[Path]:
+    """``scratch`` and the first ``hosts - 1`` of ``mounts``, each checked to be the same directory
+    (a marker written through ``scratch`` is read back through every other mount)."""
+    if hosts < 1:
+        raise ConfigError(f"--hosts {hosts}: at least 1", hint="e.g. --hosts 2 --scratch A --scratch B")
+    views = [scratch, *mounts][:hosts]
+    if len(views) < hosts:
+        raise ConfigError(
+            f"--hosts {hosts} needs {hosts} --scratch directories (one per host's mount of one "
+            f"filesystem), got {len(views)}",
+            hint="e.g. --hosts 2 --scratch /mnt/a/timing --scratch /mnt/b/timing (the same directory "
+            "through two mounts, as `python -m tests.moosefs start DIR` prints them)",
+        )
+    if len(views) == 1:
+        return views
+    marker = f".timing-host-check-{uuid.uuid4().hex[:8]}"
+    token = uuid.uuid4().hex
+    (scratch / marker).write_text(token)
+    try:
+        for view in views[1:]:
+            deadline = time.monotonic() + wait_s
+            while True:
+                try:
+                    if (view / marker).read_text() == token:
+                        break
+                except OSError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise ConfigError(
+                        f"--scratch {view} is not the same directory as --scratch {scratch} (a file "
+                        f"written through the first did not appear through the other in {wait_s:g} s)",
+                        hint="give each host's mount path of one directory on one filesystem",
+                    )
+                time.sleep(0.1)
+    finally:
+        (scratch / marker).unlink(missing_ok=True)
+    return views
 
 
 def count_files(path: Path) -> int:
