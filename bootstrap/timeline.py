@@ -32,6 +32,7 @@ from bootstrap.volume import TEXT as TEXT
 PHASES = ("preflight", "env", "weights", "import", "warm", "ready", "job")
 EVENTS = ("start", "end", "skip", "fail", "wait", "progress")
 
+
 def scrub(text: str, secrets: Sequence[str]) -> str:
     """``text`` with every value of ``secrets`` and every password inside a URL replaced by ``***``.
 
