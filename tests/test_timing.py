@@ -284,3 +284,33 @@ def test_concurrent_workers_and_a_corrupted_model_are_timed_and_recovered(tmp_pa
     assert "recover: corrupted fx/tiny.bin (truncate)" in proc.stdout
     # The concurrent volume, complete once both boots answered, was the warm volume: no untimed boot.
     assert not list((out / "logs").glob("timing-prepare-*"))
+
+
+@pytest.mark.slow
+def test_concurrent_boots_spread_over_two_moosefs_mounts(tmp_path: Path, moosefs: mfs.MooseFS) -> None:
+    """``concurrent 2 --hosts 2``: each worker boots through its own mount of one MooseFS volume;
+    both answer, one builds the env and the other reuses it."""
+    manifest = tmp_path / "models.toml"
+    manifest.write_text("")
+    seed = tmp_path / "seed"
+    seed_uv_cache(seed, ())
+    name = f"timing-{uuid.uuid4().hex[:8]}"
+    a, b = moosefs.a / name, moosefs.b / name
+    out = tmp_path / "out"
+    proc = run_bootstrap(
+        [
+            "timing", "concurrent", "2", "--hosts", "2", "--scratch", str(a), "--scratch", str(b),
+            "--out", str(out), "--no-chart", "--extras", "", "--manifest", str(manifest),
+            "--seed-cache", str(seed / ".bootstrap" / "uv-cache"), "--timeout", "600",
+        ],
+        base_environ(),
+        timeout=1200,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    report = json.loads((out / "timing.json").read_text())
+    assert report["config"]["hosts"] == [str(a), str(b)]
+    (rep,) = report["scenarios"][0]["repeats"]
+    assert all(boot["ok"] and boot["job_status"] == "COMPLETED" for boot in rep["boots"]), rep["boots"]
+    assert sorted(Path(boot["volume"]).parent for boot in rep["boots"]) == sorted([a, b])
+    assert len({Path(boot["volume"]).name for boot in rep["boots"]}) == 1  # one volume, two mounts
+    assert sorted(boot["env_reused"] for boot in rep["boots"]) == [False, True]
