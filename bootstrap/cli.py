@@ -83,7 +83,9 @@ def timing_options(args: argparse.Namespace) -> Options:
         scenarios=parse_scenarios(args.scenario),
         repeat=args.repeat,
         out=Path(args.out),
-        scratch=Path(args.scratch) if args.scratch else None,
+        scratch=Path(args.scratch[0]) if args.scratch else None,
+        mounts=tuple(Path(m) for m in (args.scratch or [])[1:]),
+        hosts=args.hosts,
         job=job,
         extras=args.extras,
         manifest=args.manifest,
@@ -179,7 +181,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--scratch",
         metavar="DIR",
-        help="where scratch volumes are made [DIR/scratch]; put it on the volume's filesystem",
+        action="append",
+        help="where scratch volumes are made [OUT/scratch]; any directory, e.g. on a MooseFS mount. "
+        "Repeated: the same directory through each host's mount of one filesystem (for --hosts)",
+    )
+    p.add_argument(
+        "--hosts",
+        type=int,
+        default=1,
+        metavar="N",
+        help="concurrent: spread the workers round-robin over the first N --scratch mounts [1]",
     )
     p.add_argument(
         "--job", metavar="JSON", help='the first job, or @FILE holding it [{"input": {"task": "health"}}]'

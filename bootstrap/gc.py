@@ -10,8 +10,11 @@ What goes:
   this host or its heartbeat older than `Settings.stale_after_s`), envs set aside as broken, expired
   degradation records;
 - quarantined files older than `QUARANTINE_KEEP_S`; lease files whose writer is dead (`bootstrap.lease.writer_is_dead`);
-- with ``--models``: verified model files (and their records) the given manifest does not list.
-  A volume may serve several endpoints, so this is opt-in.
+- under ``models/`` (`bootstrap.weights.inventory.model_garbage`): dead writers' repo stagings and
+  replaced copies; with ``--models`` also verified files and repos (and their records) the given
+  manifest does not list, and repos recorded at another revision than it pins. A volume may serve
+  several endpoints, so this is opt-in. Nothing inside the HF cache is ever removed: an entry
+  used from there gives up only its record.
 
 Removal renames first (an env disappears whole: a worker sees READY or nothing), then deletes.
 Exit 0 always; what could not be removed is reported.
@@ -35,6 +38,7 @@ from bootstrap.lease import holder_dead_here, list_leases, writer_is_dead
 from bootstrap.run import with_capability_closure
 from bootstrap.settings import Settings
 from bootstrap.volume import Volume, remove_tree, resolve_volume, tree_size
+from bootstrap.weights.inventory import Garbage, model_garbage, remove_garbage
 
 #: an env named by a plan or log touched within this long is in use
 KEEP_S = 7 * 24 * 3600.0
@@ -48,6 +52,8 @@ class Item:
     path: Path
     bytes: int
     reason: str
+    #: set for what lives under ``models/``: removed by `bootstrap.weights.inventory.remove_garbage`
+    garbage: Garbage | None = None
 
 
 def _mtime(path: Path) -> float:
@@ -113,8 +119,7 @@ def collect(
         for p in volume.leases.glob(".*.tmp"):
             if writer_is_dead(None, _mtime(p), settings.stale_after_s, now):
                 items.append(Item("leftover", p, _size(p), "lease temp file of a dead writer"))
-    if models:
-        items += _unlisted_models(settings, volume)
+    items += _model_items(settings, volume, models=models)
     return items
 
 
@@ -157,31 +162,22 @@ def _size(path: Path) -> int:
         return 0
 
 
-def _unlisted_models(settings: Settings, volume: Volume) -> list[Item]:
-    from bootstrap.manifest import load_manifest
-
-    listed = {f.published_dest for f in load_manifest(settings.manifest)} | {
-        f.dest for f in load_manifest(settings.manifest)
-    }
-    items: list[Item] = []
-    if not volume.verified.is_dir():
-        return items
-    for record in sorted(volume.verified.rglob("*.json")):
-        dest = str(record.relative_to(volume.verified)).removesuffix(".json")
-        if dest in listed:
-            continue
-        target = volume.models / dest
-        size = tree_size(target) if target.is_dir() else _size(target)
-        items.append(Item("model", target, size, f"not in {settings.manifest.name}"))
-        items.append(Item("model-record", record, _size(record), f"record of {dest}"))
-    return items
+def _model_items(settings: Settings, volume: Volume, *, models: bool) -> list[Item]:
+    """``models/``'s garbage as `bootstrap.weights.inventory.model_garbage` finds it: files, repo
+    directories and HF-cache records alike (never a path inside the HF cache)."""
+    return [
+        Item(g.kind, g.path, g.size, g.reason, garbage=g)
+        for g in model_garbage(settings, volume, models=models)
+    ]
 
 
-def remove(item: Item, volume: Volume) -> bool:
+def remove(item: Item, volume: Volume, settings: Settings) -> bool:
     """Rename aside, then delete. False if it vanished or could not be removed."""
     path = item.path
     if not path.exists() and not path.is_symlink():
         return False
+    if item.garbage is not None:
+        return remove_garbage(item.garbage, settings, volume)  # refuses anything in the HF cache
     if item.kind in ("env", "broken"):
         # An env disappears in one rename, so a worker sees it READY or not at all.
         trash = volume.envs / f"{envmod.TMP_PREFIX}{envmod.TRASH}{uuid.uuid4().hex[:8]}"
@@ -219,7 +215,7 @@ def run_gc(settings: Settings, *, dry_run: bool, models: bool, out: IO[str]) -> 
                 for n in live_lease_names(volume, settings.lease_ttl_s)
             ):
                 continue
-        ok = True if dry_run else remove(item, volume)
+        ok = True if dry_run else remove(item, volume, settings)
         if ok:
             total += item.bytes
         print(

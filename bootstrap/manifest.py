@@ -11,6 +11,7 @@ import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import Any
 from urllib.parse import urlsplit
 
 from bootstrap.errors import ConfigError
@@ -100,6 +101,16 @@ def parse_manifest(text: str, *, origin: str = "models.toml") -> list[ModelFile]
 
 def parse_all(text: str, *, origin: str = "models.toml") -> Manifest:
     """Parse and validate manifest text; raise `ConfigError` naming the first bad entry."""
+    data = _load_toml(text, origin)
+    seen: set[str] = set()
+    files = _parse_files(data.get("file", []), origin, seen)
+    repos = _parse_repos(data.get("repo", []), origin, seen, len(files))
+    _check_overlaps([f.published_dest for f in files] + [r.dest for r in repos], origin)
+    return Manifest(tuple(files), tuple(repos))
+
+
+def _load_toml(text: str, origin: str) -> dict[str, Any]:
+    """The manifest's TOML, holding only ``file`` and ``repo`` tables."""
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
@@ -113,77 +124,88 @@ def parse_all(text: str, *, origin: str = "models.toml") -> Manifest:
             f"{origin}: unknown tables {sorted(unknown_tables)}",
             hint="the manifest holds [[file]] and [[repo]] entries only",
         )
-    entries = data.get("file", [])
+    return data
+
+
+def _parse_files(entries: object, origin: str, seen: set[str]) -> list[ModelFile]:
+    """Every ``[[file]]`` entry, each published dest unique (added to ``seen``)."""
     if not isinstance(entries, list):
         raise ConfigError(
             f"{origin}: 'file' must be an array of tables ([[file]])",
             hint="use [[file]] for each entry",
         )
     files: list[ModelFile] = []
-    seen: set[str] = set()
     for i, raw in enumerate(entries):
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{origin}: entry {i + 1} is not a table", hint="use [[file]] tables")
-        unknown = set(raw) - {"dest", "source", "size", "sha256", "format", "unpack", "capability"}
-        if unknown:
+        f = _parse_file(raw, i, origin)
+        if f.published_dest in seen:
+            raise ConfigError(f"{origin}: {f.published_dest} appears twice", hint="each dest must be unique")
+        seen.add(f.published_dest)
+        files.append(f)
+    return files
+
+
+def _parse_file(raw: object, i: int, origin: str) -> ModelFile:
+    """One ``[[file]]`` entry (the ``i``-th, from 0), validated."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{origin}: entry {i + 1} is not a table", hint="use [[file]] tables")
+    unknown = set(raw) - {"dest", "source", "size", "sha256", "format", "unpack", "capability"}
+    if unknown:
+        raise ConfigError(
+            f"{origin}: entry {i + 1} has unknown keys {sorted(unknown)}",
+            hint="keys are dest, source, size, sha256, format, unpack, capability",
+        )
+    dest = _safe_relative(str(raw.get("dest", "")), "dest", i)
+    source = str(raw.get("source", ""))
+    scheme = urlsplit(source).scheme
+    if scheme not in SCHEMES:
+        raise ConfigError(
+            f"{origin}: {dest}: source {source!r} is not hf://, https://, s3:// or file://",
+            hint="give the file's real source URL",
+        )
+    _check_source(source, dest, origin)
+    size = raw.get("size", 0)
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        raise ConfigError(
+            f"{origin}: {dest}: size must be a non-negative integer (0 = unknown)",
+            hint="size = 0 when the source does not publish it",
+        )
+    sha = str(raw.get("sha256", "")).lower()
+    if sha and not _HEX64.fullmatch(sha):
+        raise ConfigError(
+            f"{origin}: {dest}: sha256 {sha!r} is not 64 hex digits",
+            hint="leave sha256 empty unless the source publishes it",
+        )
+    fmt = str(raw.get("format", "raw"))
+    if fmt not in FORMATS:
+        raise ConfigError(
+            f"{origin}: {dest}: format {fmt!r} is not one of {', '.join(FORMATS)}",
+            hint="pick the file's real format",
+        )
+    unpack = _unpack(str(raw.get("unpack", "")), fmt, dest, i, origin)
+    capability = str(raw.get("capability", "")).strip().lower()
+    if not re.fullmatch(r"[a-z0-9][a-z0-9_-]*", capability):
+        raise ConfigError(
+            f"{origin}: {dest}: capability {capability!r} is missing or not a name",
+            hint="name the capability (extra) that needs this file, e.g. 'faceswap'",
+        )
+    return ModelFile(dest, source, size, sha, fmt, unpack, capability)
+
+
+def _unpack(unpack: str, fmt: str, dest: str, i: int, origin: str) -> str:
+    """A zip's ``unpack`` directory (required, normalised); anything else has none."""
+    if fmt == "zip":
+        if not unpack:
             raise ConfigError(
-                f"{origin}: entry {i + 1} has unknown keys {sorted(unknown)}",
-                hint="keys are dest, source, size, sha256, format, unpack, capability",
+                f"{origin}: {dest}: a zip needs 'unpack' (the directory to extract into)",
+                hint="e.g. unpack = 'insightface/models/buffalo_l'",
             )
-        dest = _safe_relative(str(raw.get("dest", "")), "dest", i)
-        source = str(raw.get("source", ""))
-        scheme = urlsplit(source).scheme
-        if scheme not in SCHEMES:
-            raise ConfigError(
-                f"{origin}: {dest}: source {source!r} is not hf://, https://, s3:// or file://",
-                hint="give the file's real source URL",
-            )
-        _check_source(source, dest, origin)
-        size = raw.get("size", 0)
-        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-            raise ConfigError(
-                f"{origin}: {dest}: size must be a non-negative integer (0 = unknown)",
-                hint="size = 0 when the source does not publish it",
-            )
-        sha = str(raw.get("sha256", "")).lower()
-        if sha and not _HEX64.fullmatch(sha):
-            raise ConfigError(
-                f"{origin}: {dest}: sha256 {sha!r} is not 64 hex digits",
-                hint="leave sha256 empty unless the source publishes it",
-            )
-        fmt = str(raw.get("format", "raw"))
-        if fmt not in FORMATS:
-            raise ConfigError(
-                f"{origin}: {dest}: format {fmt!r} is not one of {', '.join(FORMATS)}",
-                hint="pick the file's real format",
-            )
-        unpack = str(raw.get("unpack", ""))
-        if fmt == "zip":
-            if not unpack:
-                raise ConfigError(
-                    f"{origin}: {dest}: a zip needs 'unpack' (the directory to extract into)",
-                    hint="e.g. unpack = 'insightface/models/buffalo_l'",
-                )
-            unpack = _safe_relative(unpack, "unpack", i)
-        elif unpack:
-            raise ConfigError(
-                f"{origin}: {dest}: 'unpack' is only for format = 'zip'",
-                hint="remove unpack or set format = 'zip'",
-            )
-        capability = str(raw.get("capability", "")).strip().lower()
-        if not re.fullmatch(r"[a-z0-9][a-z0-9_-]*", capability):
-            raise ConfigError(
-                f"{origin}: {dest}: capability {capability!r} is missing or not a name",
-                hint="name the capability (extra) that needs this file, e.g. 'faceswap'",
-            )
-        published = unpack or dest
-        if published in seen:
-            raise ConfigError(f"{origin}: {published} appears twice", hint="each dest must be unique")
-        seen.add(published)
-        files.append(ModelFile(dest, source, size, sha, fmt, unpack, capability))
-    repos = _parse_repos(data.get("repo", []), origin, seen, len(files))
-    _check_overlaps([f.published_dest for f in files] + [r.dest for r in repos], origin)
-    return Manifest(tuple(files), tuple(repos))
+        return _safe_relative(unpack, "unpack", i)
+    if unpack:
+        raise ConfigError(
+            f"{origin}: {dest}: 'unpack' is only for format = 'zip'",
+            hint="remove unpack or set format = 'zip'",
+        )
+    return unpack
 
 
 def _capability(raw: dict[str, object], dest: str, origin: str) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,6 +18,7 @@ from bootstrap.budget import budget
 from bootstrap.capabilities import capability_table, select
 from bootstrap.childenv import child_environ
 from bootstrap.env import ensure_env
+from bootstrap.env.build import PREFETCH
 from bootstrap.errors import BootstrapError, EnvBuildError
 from bootstrap.plan import Capability, Plan, write_plan
 from bootstrap.settings import PLAN, Settings
@@ -109,6 +111,8 @@ def run(
             plan.degrade(cap, reason)
         if until == "env":
             return 0
+        if until is None:  # a boot that starts the worker: warm the page cache for its imports
+            start_prefetch(env.path, timeline)
         phase = "weights"
         with (
             budget(timeline, "weights", settings.budget("weights")),
@@ -181,6 +185,32 @@ def _print_error(err: BootstrapError, stream: IO[str] | None, secrets: Sequence[
         f"exit code {err.exit_code} ({err.name}); `bootstrap explain {err.exit_code}` says more",
         file=out,
     )
+
+
+def start_prefetch(env: Path, timeline: Timeline) -> subprocess.Popen[bytes] | None:
+    """Read the files the worker's start will (``<env>/.prefetch``, `bootstrap.env.build`) in a
+    detached process, while the weights phase runs and the worker imports: on MooseFS each
+    first read waits a round trip, many threads overlap them (docs/moosefs.md). Its own session,
+    so it outlives the exec and no signal to the worker's group reaches it; only a hint."""
+    listing = env / PREFETCH
+    if not listing.is_file():
+        return None
+    from bootstrap import fastfs
+
+    cmd = [sys.executable, str(Path(fastfs.__file__)), "prefetch", str(env), str(listing)]
+    try:
+        proc = subprocess.Popen(
+            cmd,
+            start_new_session=True,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+    except OSError as err:
+        timeline.log(f"prefetch not started: {err}", level="warn")
+        return None
+    timeline.log(f"prefetching the worker's files (pid {proc.pid})")
+    return proc
 
 
 def exec_worker(settings: Settings, python: Path, plan_path: Path) -> None:

@@ -23,6 +23,7 @@ EXTRAS = "BOOTSTRAP_EXTRAS"
 OPTIONAL = "BOOTSTRAP_OPTIONAL"
 MANIFEST = "BOOTSTRAP_MANIFEST"
 MIRROR = "BOOTSTRAP_MIRROR"
+HF_CACHE = "BOOTSTRAP_HF_CACHE"
 MIN_FREE_GB = "BOOTSTRAP_MIN_FREE_GB"
 LOCK_TIMEOUT_S = "BOOTSTRAP_LOCK_TIMEOUT_S"
 LEASE_TTL_S = "BOOTSTRAP_LEASE_TTL_S"
@@ -75,7 +76,7 @@ CONTAINER_DISK_MIN_FREE = 10**9  # `/` must keep 1 GB (SPEC §3)
 
 #: Every variable `Settings` reads, for `diagnose` and the README.
 KNOWN = (
-    VOLUME, REQUIRE_VOLUME, EXTRAS, OPTIONAL, MANIFEST, MIRROR, MIN_FREE_GB, LOCK_TIMEOUT_S,
+    VOLUME, REQUIRE_VOLUME, EXTRAS, OPTIONAL, MANIFEST, MIRROR, HF_CACHE, MIN_FREE_GB, LOCK_TIMEOUT_S,
     LEASE_TTL_S, PHASE_BUDGET_S, ON_FATAL, FATAL_GRACE_S, LOG_FORMAT, PYTHON, WORKER_ID,
     SERVE_API, REQUIRE_GPU, LOCKS, DEBUG, APP_DIR, PROJECT_DIR, WORKER_CONCURRENCY,
     WORKER_MAX_INPUT_MB, WORKER_MAX_PIXELS, WORKER_ALLOW_PRIVATE_URLS, WORKER_MAX_FACES,
@@ -261,6 +262,9 @@ class Settings:
     optional: frozenset[str]
     manifest: Path
     mirror: str | None
+    #: a Hugging Face cache read in place (SPEC §3); None: ``<volume>/huggingface-cache/hub`` when it
+    #: exists (`bootstrap.weights.hfcache.cache_root` resolves that, where the volume is known)
+    hf_cache: Path | None
     min_free_bytes: int
     lock_timeout_s: float
     lease_ttl_s: float
@@ -337,6 +341,7 @@ class Settings:
             "optional": frozenset(_names(env, OPTIONAL, "")),
             "manifest": manifest,
             "mirror": env.get(MIRROR, "").strip() or None,
+            "hf_cache": Path(raw_cache) if (raw_cache := env.get(HF_CACHE, "").strip()) else None,
             "min_free_bytes": int(_number(env, MIN_FREE_GB, 2.0) * 1e9),
             "lock_timeout_s": _number(env, LOCK_TIMEOUT_S, 900.0),
             "lease_ttl_s": _number(env, LEASE_TTL_S, 30.0, minimum=1),

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import SCRUBBED_PREFIXES
+from tests.moosefs import moosefs_fixture  # noqa: F401 - one session MooseFS (`moosefs`) for every module
 
 
 @pytest.fixture(autouse=True)

@@ -21,6 +21,7 @@ import pytest
 
 from bootstrap import diagnose as dg
 from bootstrap.settings import Settings
+from tests import test_weights_repo
 from tests.helpers import (
     BOOTSTRAP,
     REPO,
@@ -31,6 +32,11 @@ from tests.helpers import (
     seed_uv_cache,
     tmpfs,
 )
+from tests.httpserver import FaultServer
+from tests.test_weights_fetch import Boot
+from tests.test_weights_repo import FILES, PIN, WANTED, make_cache, repo_entry
+
+hub = test_weights_repo.hub  # the HF-like server fixture
 
 needs_root = pytest.mark.skipif(not can_mount_tmpfs(), reason="needs root to mount tmpfs")
 
@@ -698,3 +704,63 @@ def test_the_env_key_diagnose_reports_is_over_the_capability_closure(tmp_path: P
     key = next(c for c in report.section("env").checks if c.name == "key")
     assert key.detail.startswith(env_key(key_inputs(closed, closed.extras))), key.detail
     assert "extras faceswap,video" in key.detail
+
+
+# -- repos, the HF cache, the filesystem --------------------------------------------------------
+
+
+def test_weights_shows_each_repo_file_the_hf_cache_snapshots_and_volume_names_moosefs(
+    tmp_path: Path, hub: FaultServer
+) -> None:
+    cache = tmp_path / "hf-cache"
+    snap = make_cache(cache, PIN)
+    boot = Boot(tmp_path, repo_entry(), HF_ENDPOINT=hub.url)
+    boot.run()  # speech/tiny fetched, verified and published
+    # A second repo the manifest now lists, never fetched; its source carries a password.
+    boot.manifest.write_text(
+        repo_entry() + repo_entry("speech/missing", source=f"hf://org/tiny?revision={PIN}")
+    )
+    root = boot.root.resolve()
+    info = tmp_path / "mountinfo"
+    info.write_text(
+        "22 1 0:21 / / rw,relatime - overlay overlay rw\n"
+        f"45 22 0:40 / {root} rw,nosuid,nodev,relatime - fuse mfs\\04310.0.0.9:9421 rw,user_id=0\n"
+    )
+    settings = Settings.from_env({**boot.environ, "BOOTSTRAP_HF_CACHE": str(cache)})
+    report = dg.collect(settings, dg.Options(mountinfo=info), only=("weights", "volume"))
+    weights = {c.name: c for c in report.section("weights").checks}
+    tiny = weights["speech/tiny"]
+    assert tiny.status is dg.Status.OK and tiny.detail.startswith("verified repo, 3 file(s)"), tiny.detail
+    for rel in WANTED:
+        assert f"ok {boot.models / 'speech/tiny' / rel}" in tiny.detail
+    missing = weights["speech/missing"]
+    assert missing.status is dg.Status.BROKEN and "not fetched yet" in missing.detail, missing.detail
+    assert missing.hint and "bootstrap prepare" in missing.hint
+    cached = weights["hf_cache"]
+    assert cached.status is dg.Status.OK and f"{cache}: 1 snapshot(s)" in cached.detail
+    assert f"org/tiny@{PIN} (models): {len(FILES)} file(s)" in cached.detail and str(snap) in cached.detail
+    fs = {c.name: c for c in report.section("volume").checks}["filesystem"]
+    assert fs.detail == f"MooseFS (fuse, mfs#10.0.0.9:9421) at {root}"
+
+    # One file of the published repo goes bad: the entry is broken and names that file only.
+    (boot.models / "speech/tiny/model.safetensors").write_bytes(b"short")
+    report = dg.collect(settings, dg.Options(mountinfo=info), only=("weights",))
+    tiny = {c.name: c for c in report.section("weights").checks}["speech/tiny"]
+    assert tiny.status is dg.Status.BROKEN
+    bad = [line for line in tiny.detail.splitlines()[1:] if not line.startswith("ok: ")]
+    assert len(bad) == 1 and bad[0].endswith("/speech/tiny/model.safetensors"), tiny.detail
+
+
+def test_a_password_in_a_repo_source_is_never_shown(tmp_path: Path) -> None:
+    volume = tmp_path / "volume"
+    volume.mkdir()
+    manifest = tmp_path / "models.toml"
+    manifest.write_text(
+        repo_entry("speech/x", source="https://user:hunter2@example.com/base", files=["a.json"])
+    )
+    settings = Settings.from_env(
+        base_environ(BOOTSTRAP_VOLUME=str(volume), BOOTSTRAP_MANIFEST=str(manifest), BOOTSTRAP_EXTRAS="t")
+    )
+    report = dg.collect(settings, only=("weights",))
+    detail = {c.name: c for c in report.section("weights").checks}["speech/x"].detail
+    assert "hunter2" not in detail and "user:***@example.com" in detail, detail

@@ -107,10 +107,21 @@ def test_build_publishes_a_working_env_then_reuses_it(project: Path, volume: Pat
     assert ready["inputs"]["uv_lock"] == hashlib.sha256((project / "uv.lock").read_bytes()).hexdigest()
     assert envmod.pyvenv_home(final) == ready["home"] == str(Path(ready["python"]).parent)
     assert "relocatable = true" in (final / "pyvenv.cfg").read_text()
-    # bytecode compiled at build time, console scripts and `python -m` after the rename
+    # bytecode compiled at build time (by fastfs with the env's own Python, not by uv), console
+    # scripts and `python -m` after the rename
     assert list((final / "lib").glob("python*/site-packages/beta/__pycache__/mod3.*.pyc"))
+    site = next(final.glob("lib/python*/site-packages"))
+    sources = list((site / "beta").glob("*.py"))
+    assert sources and all(list((site / "beta" / "__pycache__").glob(f"{py.stem}.*.pyc")) for py in sources)
+    log = _boot_log(volume, "w1")
+    assert "--compile-bytecode" not in log and "fastfs.py compile " in log
+    assert ready["steps_ms"]["compile"] > 0 and "prefetch_list" in ready["steps_ms"]
     check_env_works(final)
-    assert "smoke" in _boot_log(volume, "w1")
+    assert "smoke" in log
+    # The prefetch list: the env's files a worker start reads, relative to the env, all there.
+    listed = (final / ".prefetch").read_text().splitlines()
+    assert listed and all(not p.startswith("/") and (final / p).is_file() for p in listed), listed[:5]
+    assert any(p.startswith("lib/") and "/beta/" in p for p in listed), listed  # the smoke's imports
 
     again = _boot(volume, project, BOOTSTRAP_WORKER_ID="w2")
     assert again.returncode == 0, again.stderr[-3000:]
@@ -281,6 +292,7 @@ def test_one_package_change_clones_the_previous_env_without_touching_it(project:
     ready = json.loads((new / "READY").read_text())
     assert ready["cloned_from"] == old.name
     assert ready["compiled_files"] == 2  # only the changed package (alpha 2.0: two modules) was compiled
+    assert "fastfs.py compile-list " in _boot_log(volume, "w2")
     assert _snapshot(old) == before  # the published env is untouched, byte for byte and inode for inode
     check_env_works(new)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
@@ -443,6 +455,7 @@ def test_a_failed_exec_of_the_worker_is_logged_and_named(project: Path, volume: 
     assert proc.returncode == 12, proc.stderr[-3000:]
     assert f"exec of {exe} failed" in proc.stderr
     assert f"exec of {exe} failed" in _boot_log(volume, "w3")
+    assert "prefetching the worker's files" in _boot_log(volume, "w3")  # started before the exec
     events = [
         json.loads(line)
         for line in (volume / ".bootstrap" / "logs" / "w3" / "boot.jsonl").read_text().splitlines()

@@ -11,7 +11,13 @@ import time
 from pathlib import Path
 
 from bootstrap import env as envmod
+from tests import test_weights_repo
 from tests.helpers import base_environ, run_bootstrap
+from tests.httpserver import FaultServer
+from tests.test_weights_fetch import Boot
+from tests.test_weights_repo import FILES, PIN, assert_repo, make_cache, repo_entry, tree_state
+
+hub = test_weights_repo.hub  # the HF-like server fixture
 
 DAY = 86400.0
 
@@ -126,3 +132,35 @@ def test_gc_on_an_empty_volume_exits_0(volume: Path) -> None:
     proc = run_bootstrap(["gc"], base_environ(BOOTSTRAP_VOLUME=str(volume)))
     assert proc.returncode == 0, proc.stderr
     assert "freed 0.00 GB (0 bytes)" in proc.stdout
+
+
+def test_gc_models_keeps_a_listed_repo_removes_an_old_revision_and_never_touches_the_hf_cache(
+    tmp_path: Path, hub: FaultServer
+) -> None:
+    cache = tmp_path / "hf-cache"
+    snap = make_cache(cache, PIN)
+    before = tree_state(cache)
+    kept = repo_entry("speech/tiny")
+    moved = repo_entry("speech/moved")
+    Boot(tmp_path, kept + moved, HF_ENDPOINT=hub.url).run()  # both published on the volume
+    boot = Boot(
+        tmp_path,
+        kept + moved + repo_entry("speech/cached"),
+        HF_ENDPOINT=hub.url,
+        BOOTSTRAP_HF_CACHE=str(cache),
+    )
+    boot.run()  # speech/cached verified in place in the cache
+    assert (boot.volume.verified / "speech/cached.json").exists()
+    # The manifest now pins speech/moved at another revision and no longer lists speech/cached.
+    boot.manifest.write_text(kept + repo_entry("speech/moved", source=f"hf://org/tiny?revision={'2' * 40}"))
+    environ = base_environ(**{k: v for k, v in boot.environ.items() if k != "BOOTSTRAP_LOCK_TIMEOUT_S"})
+    proc = run_bootstrap(["gc", "--models"], environ)
+    assert proc.returncode == 0, proc.stderr
+    assert "removed model" in proc.stdout and "an old revision" in proc.stdout, proc.stdout
+    assert_repo(boot, "speech/tiny")  # listed and current: every file still there
+    assert (boot.volume.verified / "speech/tiny.json").exists()
+    assert not (boot.models / "speech/moved").exists()
+    assert not (boot.volume.verified / "speech/moved.json").exists()
+    assert not (boot.volume.verified / "speech/cached.json").exists()  # only its record goes
+    assert tree_state(cache) == before  # nothing in the HF cache deleted or touched
+    assert all((snap / rel).read_bytes() == FILES[rel] for rel in FILES)

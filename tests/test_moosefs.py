@@ -34,7 +34,6 @@ from tests import moosefs as mfs
 from tests.envkit import check_env_works, env_end, env_environ, fixture_project, leftovers, published_envs
 from tests.helpers import BOOTSTRAP, REPO, read_jsonl
 from tests.httpserver import FaultServer
-from tests.moosefs import moosefs_fixture  # noqa: F401 - the session fixture `moosefs`
 
 REASON = mfs.unavailable_reason()
 pytestmark = pytest.mark.skipif(REASON is not None, reason=REASON or "")

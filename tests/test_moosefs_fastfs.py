@@ -14,7 +14,6 @@ import pytest
 
 from bootstrap import fastfs
 from tests import moosefs as mfs
-from tests.moosefs import moosefs_fixture  # noqa: F401 - the session fixture `moosefs`
 
 
 def _tree(root: Path) -> Path:

@@ -26,6 +26,7 @@ def test_defaults_match_the_spec(tmp_path: Path) -> None:
     assert dict(s.phase_budget_s) == {"preflight": 60, "env": 1800, "weights": 1800, "warm": 600}
     assert (s.on_fatal, s.fatal_grace_s, s.log_format, s.python) == ("exit", 600, "text", "system")
     assert s.serve_api is None and s.locks is True and s.require_gpu is False
+    assert s.hf_cache is None  # resolved against the volume by weights.hfcache.cache_root
     assert (s.worker_concurrency, s.worker_max_input_bytes, s.worker_max_pixels) == (
         1,
         25 * 1024 * 1024,
@@ -52,8 +53,11 @@ def test_values_are_parsed() -> None:
             "BOOTSTRAP_SERVE_API": "0.0.0.0:9000",
             "BOOTSTRAP_LOCKS": "off",
             "BOOTSTRAP_MIN_FREE_GB": "0.5",
+            "BOOTSTRAP_HF_CACHE": "/cache/hub",
         }
     )
+    assert s.hf_cache == Path("/cache/hub") and s.sources["BOOTSTRAP_HF_CACHE"] == "env"
+    assert ("BOOTSTRAP_HF_CACHE", "/cache/hub", "env") in s.shown()
     assert s.extras == ("faceswap", "video")
     assert s.is_optional("video") and not s.is_optional("faceswap")
     assert s.phase_budget_s["env"] == 60 and s.phase_budget_s["weights"] == 1800

@@ -5,9 +5,14 @@ from __future__ import annotations
 import json
 import os
 import random
+import uuid
 from pathlib import Path
 
 import pytest
+
+from bootstrap.cli import build_parser, timing_options
+from bootstrap.errors import ConfigError
+from bootstrap.manifest import ModelFile
 from bootstrap.timing import (
     PHASES,
     SEGMENTS,
@@ -25,10 +30,9 @@ from bootstrap.timing import (
     table,
 )
 from bootstrap.timing.report import machine_info
-
-from bootstrap.errors import ConfigError
-from bootstrap.manifest import ModelFile
+from bootstrap.timing.scenarios import host_views
 from bootstrap.volume import Volume
+from tests import moosefs as mfs
 from tests.helpers import SHARED_UV_CACHE, base_environ, run_bootstrap, seed_uv_cache
 
 EVERY_PHASE = (*PHASES, "startup")
@@ -140,6 +144,40 @@ def test_baseline_downloads_by_dest_from_the_mirror_or_the_real_source(tmp_path:
     assert plain_url(f, None, {"HF_ENDPOINT": "http://127.0.0.1:9/"}).startswith(
         "http://127.0.0.1:9/org/repo/resolve/"
     )
+    # The one hf:// parser (bootstrap.urls): datasets keep their kind, odd names are quoted.
+    d = ModelFile("d.bin", "hf://datasets/org/ds/a b.bin?revision=main", 0, "", "raw", "", "x")
+    assert plain_url(d, None, {}) == "https://huggingface.co/datasets/org/ds/resolve/main/a%20b.bin"
+
+
+def test_hosts_take_one_scratch_mount_each_of_one_directory(tmp_path: Path) -> None:
+    a, other = tmp_path / "a", tmp_path / "other"
+    a.mkdir()
+    other.mkdir()
+    with pytest.raises(ConfigError, match="--hosts 2 needs 2 --scratch"):
+        host_views(a, [], 2)
+    with pytest.raises(ConfigError, match="not the same directory"):
+        host_views(a, [other], 2, wait_s=0.3)
+    view = tmp_path / "view"
+    view.symlink_to(a)  # another path to the same directory
+    assert host_views(a, [view], 2) == [a, view]
+    assert host_views(a, [view], 1) == [a]
+    assert list(a.iterdir()) == []  # the marker is gone
+    args = build_parser().parse_args(
+        ["timing", "concurrent", "4", "--scratch", str(a), "--scratch", str(view), "--hosts", "2"]
+    )
+    opts = timing_options(args)
+    assert (opts.scratch, opts.mounts, opts.hosts) == (a, (view,), 2)
+    assert timing_options(build_parser().parse_args(["timing", "cold"])).scratch is None
+
+
+def test_hosts_over_two_moosefs_mounts_are_one_directory(moosefs: mfs.MooseFS) -> None:
+    a = moosefs.a / f"timing-{uuid.uuid4().hex[:8]}"
+    a.mkdir()
+    b = moosefs.b / a.name
+    assert host_views(a, [b], 2) == [a, b]
+    with pytest.raises(ConfigError, match="not the same directory"):
+        (moosefs.b / f"{a.name}-elsewhere").mkdir()
+        host_views(a, [moosefs.b / f"{a.name}-elsewhere"], 2, wait_s=0.5)
 
 
 @pytest.mark.slow
@@ -246,3 +284,33 @@ def test_concurrent_workers_and_a_corrupted_model_are_timed_and_recovered(tmp_pa
     assert "recover: corrupted fx/tiny.bin (truncate)" in proc.stdout
     # The concurrent volume, complete once both boots answered, was the warm volume: no untimed boot.
     assert not list((out / "logs").glob("timing-prepare-*"))
+
+
+@pytest.mark.slow
+def test_concurrent_boots_spread_over_two_moosefs_mounts(tmp_path: Path, moosefs: mfs.MooseFS) -> None:
+    """``concurrent 2 --hosts 2``: each worker boots through its own mount of one MooseFS volume;
+    both answer, one builds the env and the other reuses it."""
+    manifest = tmp_path / "models.toml"
+    manifest.write_text("")
+    seed = tmp_path / "seed"
+    seed_uv_cache(seed, ())
+    name = f"timing-{uuid.uuid4().hex[:8]}"
+    a, b = moosefs.a / name, moosefs.b / name
+    out = tmp_path / "out"
+    proc = run_bootstrap(
+        [
+            "timing", "concurrent", "2", "--hosts", "2", "--scratch", str(a), "--scratch", str(b),
+            "--out", str(out), "--no-chart", "--extras", "", "--manifest", str(manifest),
+            "--seed-cache", str(seed / ".bootstrap" / "uv-cache"), "--timeout", "600",
+        ],
+        base_environ(),
+        timeout=1200,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    report = json.loads((out / "timing.json").read_text())
+    assert report["config"]["hosts"] == [str(a), str(b)]
+    (rep,) = report["scenarios"][0]["repeats"]
+    assert all(boot["ok"] and boot["job_status"] == "COMPLETED" for boot in rep["boots"]), rep["boots"]
+    assert sorted(Path(boot["volume"]).parent for boot in rep["boots"]) == sorted([a, b])
+    assert len({Path(boot["volume"]).name for boot in rep["boots"]}) == 1  # one volume, two mounts
+    assert sorted(boot["env_reused"] for boot in rep["boots"]) == [False, True]

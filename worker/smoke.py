@@ -90,11 +90,16 @@ def main(argv: list[str]) -> int:
     base, plans = plan_imports(list(args.caps), args.project)
     caps: dict[str, str | None] = {}
     result: dict[str, object] = {"base": _try(base), "capabilities": caps}
+    imported = list(base) if result["base"] is None else []
     for cap, modules in plans.items():
         caps[cap] = modules if isinstance(modules, str) else _try(modules)
         check = PROGRAM_CHECKS.get(cap)
         if caps[cap] is None and check is not None:
             caps[cap] = check()
+        if caps[cap] is None and not isinstance(modules, str):
+            imported += modules
+    # what imported, for the env's prefetch list (bootstrap.env.build)
+    result["modules"] = imported
     print(json.dumps(result))
     return 0 if result["base"] is None and all(v is None for v in caps.values()) else 1
 

@@ -36,6 +36,8 @@ class Options:
     #: where ``./.volume`` would be (the working directory of `bootstrap run`)
     cwd: Path | None = None
     usage: DiskUsageFn = disk_usage
+    #: the mount table `bootstrap.volume.filesystem` reads to name the volume's filesystem
+    mountinfo: Path = Path("/proc/self/mountinfo")
     clock: Callable[[], float] = time.time
     #: last-boot checks for at most this many workers (newest first)
     max_workers: int = 50

@@ -14,7 +14,7 @@ from bootstrap.diagnose.fmt import fs_type, human_bytes
 from bootstrap.diagnose.model import Check, Status
 from bootstrap.errors import InsufficientDiskError, VolumeError
 from bootstrap.settings import CONTAINER_DISK_MIN_FREE, MIN_FREE_GB
-from bootstrap.volume import Volume, mount_point, require_free
+from bootstrap.volume import Volume, filesystem, mount_point, require_free
 
 
 def _write_probe(directory: Path, nbytes: int) -> tuple[float, float]:
@@ -91,6 +91,20 @@ def check_volume(ctx: Context) -> list[Check]:
     return checks
 
 
+def _filesystem_check(ctx: Context, vol: Volume) -> Check:
+    """The filesystem holding the volume, named (MooseFS on RunPod) from the mount table."""
+    o = ctx.options
+    try:
+        fs = with_timeout(
+            lambda: filesystem(vol.root, o.mountinfo), o.probe_timeout_s, "resolving the volume"
+        )
+    except ProbeTimeout as err:
+        return Check(
+            "filesystem", Status.UNKNOWN, str(err), hint="the volume is not answering; see `writable`"
+        )
+    return Check("filesystem", Status.OK, fs.describe())
+
+
 def _volume_checks(ctx: Context, vol: Volume) -> list[Check]:
     o, s = ctx.options, ctx.settings
     checks: list[Check] = []
@@ -116,6 +130,7 @@ def _volume_checks(ctx: Context, vol: Volume) -> list[Check]:
                 "(allowed: BOOTSTRAP_VOLUME names it)",
             )
         )
+    checks.append(_filesystem_check(ctx, vol))
     if vol.base.is_dir():
         present = sorted(p.name for p in vol.base.iterdir())
         checks.append(Check("layout", Status.OK, f"{vol.base} holds {', '.join(present) or 'nothing yet'}"))

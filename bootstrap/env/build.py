@@ -16,8 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bootstrap import fastfs
 from bootstrap import interpreter as interp
-from bootstrap.atomic import write_json_atomic
+from bootstrap.atomic import write_atomic, write_json_atomic
 from bootstrap.childenv import child_environ
 from bootstrap.env.clone import clone, closest_ready, new_distributions, site_packages
 from bootstrap.env.estimate import estimate_install_bytes
@@ -109,6 +110,8 @@ class _Build:
     source: Path | None = None
     #: .py files compiled after a clone (None: whole site-packages)
     compiled_files: int | None = None
+    #: what the smoke test imported (base and kept capabilities), for the prefetch list
+    smoke_modules: list[str] = field(default_factory=list)
     steps_ms: dict[str, float] = field(default_factory=dict)
 
     def run(self, cmd: list[str]) -> subprocess.CompletedProcess[str]:
@@ -209,11 +212,12 @@ def build(
                 raise EnvBuildError(f"the new env's interpreter is not the expected one: {problem}")
             with b.step("sync"):
                 kept, dropped = _install(b, list(settings.extras))
-            if b.source is not None:
-                with b.step("compile"):
-                    _compile(b)
+            with b.step("compile"):
+                _compile(b)
             with b.step("smoke"):
                 kept, dropped = _smoke(b, kept, dropped)
+            with b.step("prefetch_list"):
+                _write_prefetch_list(b)
             _write_marker_free(tmp)
             published_key = key if not dropped else env_key(key_inputs(settings, tuple(kept), python=python))
             final = volume.envs / published_key
@@ -258,6 +262,10 @@ def build(
     return EnvResult(published_key, final, env_python(final), not published, kept_t, dropped)
 
 
+#: the prefetch list inside an env (`_write_prefetch_list`)
+PREFETCH = ".prefetch"
+
+
 def _write_marker_free(tmp: Path) -> None:
     with contextlib.suppress(FileNotFoundError):
         (tmp / BUILDER_FILE).unlink()
@@ -284,7 +292,9 @@ def publish(tmp: Path, final: Path, timeline: Timeline) -> bool:
 
 def _install(b: _Build, extras: list[str]) -> tuple[list[str], dict[str, str]]:
     """Sync all extras; if that fails, find which optional ones to drop (required → exit 12)."""
-    compile_now = b.source is None
+    # Never uv's compile: on a slow-metadata volume (MooseFS) it is bound by one round trip per
+    # file; `_compile` overlaps those waits (docs/moosefs.md: 1.91x local → 1.13x).
+    compile_now = False
     proc = b.sync(extras, compile_bytecode=compile_now)
     if proc.returncode == 0:
         return extras, {}
@@ -320,33 +330,87 @@ def _install(b: _Build, extras: list[str]) -> tuple[list[str], dict[str, str]]:
     return [e for e in extras if e in kept], dropped
 
 
-def _compile(b: _Build) -> None:
-    """Bytecode for what the clone's sync installed: the ``.py`` files in new ``RECORD``s.
+#: threads per compile process: each mostly waits on the filesystem (`bootstrap.fastfs`)
+COMPILE_THREADS = 32
 
-    Everything else came with its ``.pyc`` from the source env (hard links, still valid: same
-    source mtime and size). Falls back to compileall over site-packages, which skips up-to-date
-    files, if RECORDs cannot be read.
+
+def _fastfs(b: _Build, *args: str) -> list[str]:
+    """``fastfs.py ARGS`` run by the new env's own Python (bytecode is version-specific)."""
+    return [str(env_python(b.tmp)), str(Path(fastfs.__file__)), *args]
+
+
+def _compile(b: _Build) -> None:
+    """Bytecode for the new env, by `bootstrap.fastfs` with many threads in several processes.
+
+    A fresh build compiles all of ``lib/``. A clone compiles only what its sync installed: the
+    ``.py`` files in new ``RECORD``s; everything else came with its ``.pyc`` from the source env
+    (hard links, still valid: same source mtime and size). If RECORDs cannot be read, the whole
+    ``lib/`` again (up-to-date files are rewritten, which is only slower).
     """
+    procs = str(max(2, os.cpu_count() or 2))
+    whole = _fastfs(b, "compile", str(b.tmp / "lib"), str(COMPILE_THREADS), procs)
+    if b.source is None:
+        proc = _run_logged(whole, b)
+        if proc.returncode != 0:
+            raise EnvBuildError(
+                f"compiling the env's bytecode failed: {proc.stderr.strip()[-ERROR_TAIL:]}",
+                hint="the new env's Python cannot run bootstrap/fastfs.py: see boot.log",
+            )
+        return
     site = site_packages(b.tmp)
     files: list[str] = []
     try:
-        for dist in new_distributions(b.source, b.tmp) if b.source is not None else []:
+        for dist in new_distributions(b.source, b.tmp):
             for line in (dist / "RECORD").read_text(encoding="utf-8").splitlines():
                 rel = line.split(",", 1)[0]
                 if rel.endswith(".py") and not rel.startswith(".."):
                     files.append(str(site / rel))
-        targets = files
     except OSError:
-        targets = [str(site)]
-    b.compiled_files = len(files) if targets is files else None
-    if not targets:
-        return
-    listing = b.tmp / ".compile-list"
-    listing.write_text("\n".join(targets) + "\n", encoding="utf-8")
-    proc = b.run([str(env_python(b.tmp)), "-m", "compileall", "-q", "-j", "0", "-i", str(listing)])
-    listing.unlink()
+        b.compiled_files = None
+        proc = _run_logged(whole, b)
+    else:
+        b.compiled_files = len(files)
+        if not files:
+            return
+        proc = _run_logged(_fastfs(b, "compile-list", str(COMPILE_THREADS)), b, stdin="\n".join(files))
     if proc.returncode != 0:
-        b.timeline.log("compileall reported errors (files that do not compile are skipped)", level="warn")
+        raise EnvBuildError(
+            f"compiling the cloned env's new bytecode failed: {proc.stderr.strip()[-ERROR_TAIL:]}",
+            hint="the new env's Python cannot run bootstrap/fastfs.py: see boot.log",
+        )
+
+
+def _run_logged(cmd: list[str], b: _Build, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    b.timeline.log("$ " + " ".join(cmd))
+    env = child_environ(b.settings.environ, extra={"PYTHONDONTWRITEBYTECODE": "1"})
+    proc = subprocess.run(
+        cmd, input=stdin, env=env, cwd=b.tmp, capture_output=True, text=True, timeout=1800, check=False
+    )
+    if proc.returncode == 0:
+        b.timeline.log(f"  compiled {proc.stdout.strip() or 0} file(s)")
+    return proc
+
+
+#: modules the worker imports at start beside the smoke test's (`_write_prefetch_list`)
+PREFETCH_MODULES = ("worker.main", "runpod")
+
+
+def _write_prefetch_list(b: _Build) -> None:
+    """``<env>/.prefetch``: the env's files a worker start reads (paths relative to the env), for
+    the detached reader `bootstrap.run` starts at boot. Only a hint: failing to make it is a
+    warning, never a failed build."""
+    modules = [*b.smoke_modules, *PREFETCH_MODULES]
+    try:
+        files = fastfs.imported_files(
+            env_python(b.tmp), modules, under=b.tmp, pythonpath=str(b.settings.app_dir)
+        )
+    except (OSError, ValueError, subprocess.SubprocessError) as err:
+        b.timeline.log(f"no prefetch list: recording the worker's imports failed ({err})", level="warn")
+        return
+    rel = sorted({str(Path(f).relative_to(b.tmp)) for f in files})
+    # A new inode: a clone hard-linked the source env's list.
+    write_atomic(b.tmp / PREFETCH, ("\n".join(rel) + "\n").encode())
+    b.timeline.log(f"prefetch list: {len(rel)} file(s) a worker start reads")
 
 
 def _smoke(b: _Build, kept: list[str], dropped: dict[str, str]) -> tuple[list[str], dict[str, str]]:
@@ -372,7 +436,8 @@ def _smoke(b: _Build, kept: list[str], dropped: dict[str, str]) -> tuple[list[st
             f"the import smoke test did not run: {proc.stderr.strip()[-ERROR_TAIL:]}",
             hint="the new env's Python cannot run the worker's smoke test: see boot.log",
         ) from None
-    b.timeline.log(f"  smoke: {json.dumps(result)}")
+    b.timeline.log(f"  smoke: {json.dumps({k: v for k, v in result.items() if k != 'modules'})}")
+    b.smoke_modules = [str(m) for m in result.get("modules") or []]
     if result.get("base"):
         raise EnvBuildError(
             f"the worker's base does not import in the new env: {result['base']}",

@@ -215,13 +215,7 @@ def download(
     them (size, sha256, git ``blob`` id when given, format); a bad file is quarantined and
     `BadFile` raised (a bad resumed file is first fetched once more from zero)."""
     volume = ctx.volume
-    probe = _probe(ctx, source)
-    if f.size and probe.size is not None and probe.size != f.size:
-        raise SourceFailed(f"the source has {probe.size} bytes, the manifest says {f.size}")
-    if f.sha256 and probe.sha256 and probe.sha256 != f.sha256:
-        raise SourceFailed(f"the source's sha256 {probe.sha256} is not the manifest's {f.sha256}")
-    size = f.size or probe.size
-    expected_sha = f.sha256 or probe.sha256
+    probe, size, expected_sha = _probe_checked(ctx, f, source)
     if hasattr(source, "size"):
         source.size = size
     ident = identity(probe, size or 0, expected_sha, source.label) if size is not None else None
@@ -237,6 +231,60 @@ def download(
     unpack_dir = volume.models / f.unpack if f.format == "zip" else None
     _check_disk(ctx, f, directory, remaining, unpack_dir, size or 0)
 
+    part, ranges, covered = _claim_part(ctx, dest_path, ident, adopt, ranges, covered)
+    if covered:
+        ctx.timeline.log(
+            f"weights: {f.dest}: resuming {source.label} with {format_bytes(covered)} already on the volume"
+        )
+    ctx.progress.expect(remaining)
+    result = _transfer(ctx, f, source, part, size, ranges)
+    data = part / "data"
+    blob = blob or probe.blob
+    try:
+        members = _verify(data, f, result, size, expected_sha, blob)
+    except BadFile as err:
+        where = quarantine(
+            volume,
+            data,
+            f.dest,
+            str(err),
+            source=source.label,
+            size=result.size,
+            sha256=result.sha256,
+            worker=ctx.owner,
+        )
+        shutil.rmtree(part, ignore_errors=True)
+        ctx.timeline.log(
+            f"weights: {f.dest} from {source.label} is bad ({err}); quarantined as {where.name}", level="warn"
+        )
+        if result.resumed and not fresh:
+            # The resumed part may be what was wrong: fetch it once more from zero.
+            return download(ctx, f, source, dest_path, fresh=True, blob=blob)
+        raise
+    return Downloaded(part, data, result, probe, members)
+
+
+def _probe_checked(ctx: FetchContext, f: ModelFile, source: Source) -> tuple[Probe, int | None, str | None]:
+    """The source's probe, checked against the manifest: (probe, size, expected sha256)."""
+    probe = _probe(ctx, source)
+    if f.size and probe.size is not None and probe.size != f.size:
+        raise SourceFailed(f"the source has {probe.size} bytes, the manifest says {f.size}")
+    if f.sha256 and probe.sha256 and probe.sha256 != f.sha256:
+        raise SourceFailed(f"the source's sha256 {probe.sha256} is not the manifest's {f.sha256}")
+    return probe, f.size or probe.size, f.sha256 or probe.sha256
+
+
+def _claim_part(
+    ctx: FetchContext,
+    dest_path: Path,
+    ident: dict[str, Any] | None,
+    adopt: Path | None,
+    ranges: list[tuple[int, int]],
+    covered: int,
+) -> tuple[Path, list[tuple[int, int]], int]:
+    """This worker's part directory: ``adopt`` renamed (the claim), else a new one born with its
+    journal. Returns (part, the ranges it holds, bytes covered)."""
+    directory = dest_path.parent
     token = uuid.uuid4().hex[:12]
     directory.mkdir(parents=True, exist_ok=True)
     part = directory / f".{dest_path.name}.{token}{PART_SUFFIX}"
@@ -255,11 +303,19 @@ def download(
         write_journal(born / "journal", header, [])
         born.rename(part)
         ranges = []
-    if covered:
-        ctx.timeline.log(
-            f"weights: {f.dest}: resuming {source.label} with {format_bytes(covered)} already on the volume"
-        )
-    ctx.progress.expect(remaining)
+    return part, ranges, covered
+
+
+def _transfer(
+    ctx: FetchContext,
+    f: ModelFile,
+    source: Source,
+    part: Path,
+    size: int | None,
+    ranges: list[tuple[int, int]],
+) -> TransferResult:
+    """Run the transfer into ``part``; a full disk is exit 11, a vanished part a failed source."""
+    directory = part.parent
     transfer = Transfer(
         source,
         part / "data",
@@ -297,43 +353,31 @@ def download(
         + (f" (resumed {format_bytes(result.resumed)})" if result.resumed else "")
         + (f"; survived: {'; '.join(sorted(set(result.errors))[:3])}" if result.errors else "")
     )
-    data = part / "data"
-    members: list[Any] = []
-    try:
-        if size is not None and result.size != size:
-            raise BadFile(f"got {result.size} bytes, expected {size}")
-        if expected_sha and result.sha256 != expected_sha:
-            raise BadFile(f"sha256 {result.sha256} is not the expected {expected_sha}")
-        blob = blob or probe.blob
-        if blob and not expected_sha and git_blob_id(data) != blob:
-            raise BadFile(f"git blob id {git_blob_id(data)} is not the source's {blob}")
-        if f.format == "zip":
-            why = sniff_problem(data, "zip")
-            if why:
-                raise BadFile(why)
-            members = zip_members(data)
-        else:
-            check_format(data, f.format)
-    except BadFile as err:
-        where = quarantine(
-            volume,
-            data,
-            f.dest,
-            str(err),
-            source=source.label,
-            size=result.size,
-            sha256=result.sha256,
-            worker=ctx.owner,
-        )
-        shutil.rmtree(part, ignore_errors=True)
-        ctx.timeline.log(
-            f"weights: {f.dest} from {source.label} is bad ({err}); quarantined as {where.name}", level="warn"
-        )
-        if result.resumed and not fresh:
-            # The resumed part may be what was wrong: fetch it once more from zero.
-            return download(ctx, f, source, dest_path, fresh=True, blob=blob)
-        raise
-    return Downloaded(part, data, result, probe, members)
+    return result
+
+
+def _verify(
+    data: Path,
+    f: ModelFile,
+    result: TransferResult,
+    size: int | None,
+    expected_sha: str | None,
+    blob: str | None,
+) -> list[Any]:
+    """Raise `BadFile` unless the received bytes are the expected ones; a zip's members."""
+    if size is not None and result.size != size:
+        raise BadFile(f"got {result.size} bytes, expected {size}")
+    if expected_sha and result.sha256 != expected_sha:
+        raise BadFile(f"sha256 {result.sha256} is not the expected {expected_sha}")
+    if blob and not expected_sha and git_blob_id(data) != blob:
+        raise BadFile(f"git blob id {git_blob_id(data)} is not the source's {blob}")
+    if f.format == "zip":
+        why = sniff_problem(data, "zip")
+        if why:
+            raise BadFile(why)
+        return zip_members(data)
+    check_format(data, f.format)
+    return []
 
 
 def git_blob_id(path: Path) -> str:

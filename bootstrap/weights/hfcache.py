@@ -25,15 +25,13 @@ from bootstrap.volume import Volume
 from bootstrap.weights.records import write_record
 from bootstrap.weights.verify import BadFile, check_format, format_for
 
-HF_CACHE = "BOOTSTRAP_HF_CACHE"
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _HEX40 = re.compile(r"[0-9a-f]{40}")
 
 
 def cache_root(settings: Settings, volume: Volume) -> Path | None:
     """``BOOTSTRAP_HF_CACHE``, else ``<volume>/huggingface-cache/hub`` when it exists, else None."""
-    raw = str(settings.environ.get(HF_CACHE, "")).strip()
-    root = Path(raw) if raw else volume.root / "huggingface-cache" / "hub"
+    root = settings.hf_cache or volume.root / "huggingface-cache" / "hub"
     return root if root.is_dir() else None
 
 
