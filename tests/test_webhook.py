@@ -74,8 +74,6 @@ def test_picture_job_delivers_one_signed_webhook_for_success_and_failure(models:
     worker = _bare_worker(_config())
     worker.pipelines["faceswap"] = faceswap.load(LoadContext(settings=settings, models=models))
     worker.capabilities["faceswap"] = Capability()
-    worker.lifecycle.to(State.WARM)
-    worker.lifecycle.to(State.READY)
     with Receiver() as rx:
         job = {
             "id": "job-ok",
