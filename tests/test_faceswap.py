@@ -748,9 +748,15 @@ def test_unknown_task_through_the_handler(pipe: faceswap.FaceSwap) -> None:
 
 
 def test_every_job_code_has_a_test_here() -> None:
-    # the video codes are tested with the video task (tests/test_video*.py)
+    # the other tasks' codes are tested with their tasks (tests/test_video*.py, test_speech*.py,
+    # test_animate*.py)
     here = Path(__file__)
-    text = here.read_text() + "".join(p.read_text() for p in sorted(here.parent.glob("test_video*.py")))
+    others = [
+        p
+        for pattern in ("test_video*.py", "test_speech*.py", "test_animate*.py")
+        for p in sorted(here.parent.glob(pattern))
+    ]
+    text = here.read_text() + "".join(p.read_text() for p in others)
     assert [code for code in JOB_CODES if f'"{code}"' not in text] == []
 
 

@@ -43,7 +43,6 @@ swap them for it at merge.
 from __future__ import annotations
 
 import base64
-import contextlib
 import gc
 import json
 import math
@@ -52,8 +51,7 @@ import shutil
 import struct
 import subprocess
 import tempfile
-import time
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -64,7 +62,7 @@ from bootstrap.errors import GpuError
 from worker import io as wio
 from worker import pose, torchdev
 from worker.errors import JobError
-from worker.pipelines.base import LoadContext
+from worker.pipelines.base import LoadContext, Stages
 
 NAME = "animate"
 #: manifest dests (worker/models.toml): the diffusers pipeline and Wan2.2's preprocessing models
@@ -369,19 +367,6 @@ def working_bytes(weights: int) -> int:
     return max(256 * 1024**2, int(weights * 0.15))
 
 
-class _Stages:
-    def __init__(self) -> None:
-        self.ms: dict[str, float] = {}
-
-    @contextlib.contextmanager
-    def stage(self, name: str) -> Iterator[None]:
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.ms[name] = round(self.ms.get(name, 0.0) + (time.perf_counter() - t0) * 1000, 1)
-
-
 def _background(frames: np.ndarray, masks: list[np.ndarray]) -> list[np.ndarray]:
     """The driving frames with the person (mask > 127) blacked out: what ``replace`` keeps."""
     return [np.where(m[..., None] > 127, 0, f).astype(np.uint8) for f, m in zip(frames, masks, strict=True)]
@@ -655,7 +640,7 @@ class Animate:
         req = parse_input(job_input, self.uploader.allowed_buckets)
         if req.output.kind == "s3":
             self.uploader.check(req.output)  # missing credentials fail before any download or model run
-        t = _Stages()
+        t = Stages()
         tmp = Path(tempfile.mkdtemp(prefix="animate-job-"))
         try:
             with t.stage("fetch"):

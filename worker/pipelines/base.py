@@ -3,6 +3,9 @@ first job) and ``Pipeline.run(job_input)`` (per job, off the event loop)."""
 
 from __future__ import annotations
 
+import contextlib
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -34,3 +37,18 @@ class Pipeline(Protocol):
     def run(self, job_input: dict[str, Any]) -> dict[str, Any]: ...
 
     def device(self) -> dict[str, Any]: ...
+
+
+class Stages:
+    """Milliseconds per stage of one job (``ms`` in the result); a stage entered twice adds up."""
+
+    def __init__(self) -> None:
+        self.ms: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.ms[name] = round(self.ms.get(name, 0.0) + (time.perf_counter() - t0) * 1000, 1)

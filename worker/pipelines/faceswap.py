@@ -34,9 +34,8 @@ import contextlib
 import io
 import shutil
 import tempfile
-import time
 import weakref
-from collections.abc import Collection, Iterator
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,7 +46,7 @@ from bootstrap.errors import GpuError
 from worker import device
 from worker import io as wio
 from worker.errors import JobError
-from worker.pipelines.base import LoadContext
+from worker.pipelines.base import LoadContext, Stages
 
 # The smoke test imports this module: a broken onnxruntime/opencv install fails the env build.
 _PROBLEMS = device.distribution_problems()
@@ -171,21 +170,6 @@ def _largest(faces: list[Face], limit: int) -> list[Face]:
 
     keep = set(sorted(range(len(faces)), key=lambda i: (-area(faces[i]), i))[:limit])
     return [face for i, face in enumerate(faces) if i in keep]
-
-
-class _Stages:
-    """Milliseconds per stage of one job (``ms`` in the result)."""
-
-    def __init__(self) -> None:
-        self.ms: dict[str, float] = {}
-
-    @contextlib.contextmanager
-    def stage(self, name: str) -> Iterator[None]:
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.ms[name] = round(self.ms.get(name, 0.0) + (time.perf_counter() - t0) * 1000, 1)
 
 
 def _check_files(ctx: LoadContext) -> tuple[Path, Path]:
@@ -417,7 +401,7 @@ class FaceSwap:
         req = parse_input(job_input, self.uploader.allowed_buckets)
         if req.output.kind == "s3":
             self.uploader.check(req.output)  # missing credentials fail before any download or model run
-        t = _Stages()
+        t = Stages()
         with t.stage("fetch"):
             src_bytes = self._bytes(req.source)
             dst_bytes = self._bytes(req.target)

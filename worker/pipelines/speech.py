@@ -32,9 +32,8 @@ import re
 import secrets
 import sys
 import threading
-import time
 import unicodedata
-from collections.abc import Collection, Iterator
+from collections.abc import Collection
 from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
@@ -47,7 +46,7 @@ from worker import audio as waudio
 from worker import io as wio
 from worker import torchdev
 from worker.errors import JobError, WorkerFault
-from worker.pipelines.base import LoadContext
+from worker.pipelines.base import LoadContext, Stages
 
 # f5_tts/vocos print on import and load; keep stdout for the timeline from the first line.
 with contextlib.redirect_stdout(sys.stderr):
@@ -390,19 +389,6 @@ def cross_fade(waves: list[np.ndarray], rate: int, seconds: float) -> np.ndarray
     return np.asarray(out, dtype=np.float32)
 
 
-class _Stages:
-    def __init__(self) -> None:
-        self.ms: dict[str, float] = {}
-
-    @contextlib.contextmanager
-    def stage(self, name: str) -> Iterator[None]:
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.ms[name] = round(self.ms.get(name, 0.0) + (time.perf_counter() - t0) * 1000, 1)
-
-
 @dataclass(frozen=True)
 class Voice:
     """A processed reference: 24 kHz samples, how it was trimmed, and its text."""
@@ -605,7 +591,7 @@ class Speech:
             return wio.fetch_url(ref.value, self.policy)
         return wio.decode_base64(ref.value, self.settings.worker_max_input_bytes, ref.field)
 
-    def _voice(self, data: bytes, ref_text: str, t: _Stages) -> tuple[Voice, bool]:
+    def _voice(self, data: bytes, ref_text: str, t: Stages) -> tuple[Voice, bool]:
         key = hashlib.sha256(data).hexdigest() + "\0" + ref_text
         with self._lock:
             cached = self._voices.get(key)
@@ -644,7 +630,7 @@ class Speech:
         if req.output.kind == "s3":
             self.uploader.check(req.output)
         seed = req.seed if req.seed is not None else secrets.randbelow(2**31)
-        t = _Stages()
+        t = Stages()
         with t.stage("fetch"):
             data = self._bytes(req.ref)
         voice, cached = self._voice(data, req.ref_text, t)
@@ -690,7 +676,7 @@ class Speech:
 
     def transcribe(self, job_input: dict[str, Any]) -> dict[str, Any]:
         req = parse_transcribe(job_input, self.languages)
-        t = _Stages()
+        t = Stages()
         with t.stage("fetch"):
             data = self._bytes(req.audio)
         with t.stage("decode"):

@@ -42,7 +42,7 @@ import contextlib
 import queue
 import threading
 import time
-from collections.abc import Collection, Iterator
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,7 +53,7 @@ from worker import io as wio
 from worker import jobctx, media
 from worker.errors import JobError
 from worker.pipelines import faceswap
-from worker.pipelines.base import LoadContext
+from worker.pipelines.base import LoadContext, Stages
 
 NAME = "video"
 TASK = "faceswap_video"
@@ -123,19 +123,6 @@ def parse_input(job: Any, allowed_buckets: Collection[str] = frozenset()) -> Vid
         output=output,
         deadline_s=deadline,
     )
-
-
-class _Stages:
-    def __init__(self) -> None:
-        self.ms: dict[str, float] = {}
-
-    @contextlib.contextmanager
-    def stage(self, name: str) -> Iterator[None]:
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.ms[name] = round(self.ms.get(name, 0.0) + (time.perf_counter() - t0) * 1000, 1)
 
 
 @dataclass
@@ -232,7 +219,7 @@ class FaceSwapVideo:
             self.uploader.check(req.output)
         job = jobctx.current()
         job.set_deadline(req.deadline_s)
-        t = _Stages()
+        t = Stages()
         with t.stage("fetch"):
             source_face = self._source_face(req)
             job.check()
@@ -323,7 +310,7 @@ class FaceSwapVideo:
         children: media.Children,
         source_face: Any,
         job: jobctx.JobContext,
-        t: _Stages,
+        t: Stages,
     ) -> tuple[media.Encoder, dict[str, int]]:
         """decode → swap (this thread, in batches) → encode; see the module docstring, step 4."""
         decoder = media.start_decoder(children, self.tools, src, size, pass_fds=fds)
