@@ -49,16 +49,34 @@ def scrub_data(data: Any, secrets: Sequence[str]) -> Any:
     if isinstance(data, str):
         return scrub(data, secrets)
     if isinstance(data, dict):
-        return {k: scrub_data(v, secrets) for k, v in data.items()}
+        return {
+            scrub(k, secrets) if isinstance(k, str) else k: scrub_data(v, secrets) for k, v in data.items()
+        }
     if isinstance(data, list):
         return [scrub_data(v, secrets) for v in data]
     return data
 
 
+# Values a secret-named variable may hold that are no secret: flags such as
+# TOKENIZERS_PARALLELISM=false. Scrubbing them would turn every "false" in a log into "***".
+_NOT_SECRETS = frozenset({"true", "false", "none", "null", "yes", "no", "on", "off", "auto"})
+
+
 def secret_values(environ: Mapping[str, str]) -> tuple[str, ...]:
-    """Values of secret-named variables long enough to be worth scrubbing, longest first."""
-    values = {v for k, v in environ.items() if is_secret_name(k) and len(v) >= 4}
+    """Values of secret-named variables worth scrubbing (4+ characters, not a flag), longest first."""
+    values = {
+        v
+        for k, v in environ.items()
+        if is_secret_name(k) and len(v) >= 4 and v.strip().lower() not in _NOT_SECRETS
+    }
     return tuple(sorted(values, key=len, reverse=True))
+
+
+def scrubbed_json(record: Mapping[str, Any], secrets: Sequence[str]) -> str:
+    """``record`` as one JSON line with its strings scrubbed: scrubbing the serialized text could
+    cut a number or a ``true`` that equals a secret's value and leave a line no reader can parse."""
+    plain = json.loads(json.dumps(record, default=str))
+    return json.dumps(scrub_data(plain, secrets), sort_keys=False)
 
 
 class Timeline:
@@ -167,7 +185,7 @@ class Timeline:
         if ms is not None:
             record["ms"] = round(ms, 1)
         record["detail"] = dict(detail or {})
-        line = self._scrub(json.dumps(record, default=str, sort_keys=False))
+        line = scrubbed_json(record, self.secrets)
         text = self._scrub(self._text_line(record))
         with self._lock:
             self._write_file("json", line)
@@ -189,7 +207,7 @@ class Timeline:
                     "level": level,
                     "message": message,
                 }
-                self._emit_stream(self._scrub(json.dumps(record)))
+                self._emit_stream(scrubbed_json(record, self.secrets))
 
     def _text_line(self, record: Mapping[str, Any]) -> str:
         elapsed = record["ts"] - self.started

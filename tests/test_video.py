@@ -12,6 +12,7 @@ import base64
 import io
 import json
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -97,6 +98,20 @@ def server() -> Iterator[ImageServer]:
     srv = ImageServer()
     yield srv
     srv.close()
+
+
+class _Paced:
+    """The face-swap models at a fixed pace per detection (everything else passes through)."""
+
+    def __init__(self, inner: faceswap.FaceSwap, delay_s: float) -> None:
+        self.inner, self.delay_s = inner, delay_s
+
+    def detect(self, frame: Any) -> Any:
+        time.sleep(self.delay_s)
+        return self.inner.detect(frame)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
 
 
 def make_worker(pipe: video.FaceSwapVideo, stream: io.StringIO | None = None, **kw: Any) -> Worker:
@@ -318,8 +333,14 @@ def test_health_names_the_encoder_chosen_by_a_real_trial(pipe: video.FaceSwapVid
 def test_deadline_stops_the_job_and_its_ffmpeg(
     pipe: video.FaceSwapVideo, server: ImageServer, tmp_path: Path, scratch: Path
 ) -> None:
+    """The models are slowed to 50 ms a frame, so the 144 frames cannot finish inside the 2 s
+    deadline on any machine: the deadline, not the machine's speed, ends the job."""
     url, _ = serve_clip(server, tmp_path, "long.mp4", Clip(W, H, fps=24, seconds=6.0))
-    out = asyncio.run(make_worker(pipe).handle(job(url, deadline_s=2)))
+    slow = video.FaceSwapVideo(
+        LoadContext(settings=pipe.settings, models={}, extra={"tmp_dir": str(scratch)}),
+        swapper=_Paced(pipe.faces, 0.05),  # type: ignore[arg-type]
+    )
+    out = asyncio.run(make_worker(slow).handle(job(url, deadline_s=2)))
     assert set(out) == {"error"} and "deadline" in out["error"], out
     assert not ffmpeg_children()
     assert not fds_into(scratch) and not list(scratch.iterdir())
