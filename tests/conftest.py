@@ -12,13 +12,19 @@ from tests.moosefs import moosefs_fixture  # noqa: F401 - one session MooseFS (`
 
 @pytest.fixture(autouse=True)
 def _clean_environ(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """No real credentials, no hub lookups, no Python downloads in any test."""
+    """No real credentials, no hub lookups, no Python downloads in any test; and what a test's
+    libraries put in ``os.environ`` (transformers' pipelines set TOKENIZERS_PARALLELISM) is undone,
+    so no test sees another's environment."""
     for name in list(os.environ):
         if name.startswith(SCRUBBED_PREFIXES):
             monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("UV_PYTHON_DOWNLOADS", "never")
+    before = dict(os.environ)
     yield
+    if os.environ != before:
+        os.environ.clear()
+        os.environ.update(before)
 
 
 @pytest.fixture
