@@ -764,3 +764,59 @@ def test_a_password_in_a_repo_source_is_never_shown(tmp_path: Path) -> None:
     report = dg.collect(settings, only=("weights",))
     detail = {c.name: c for c in report.section("weights").checks}["speech/x"].detail
     assert "hunter2" not in detail and "user:***@example.com" in detail, detail
+
+
+def _bin_without(tmp_path: Path, *hidden: str) -> Path:
+    """A PATH directory with every program of this PATH except ``hidden`` (symlinked)."""
+    out = tmp_path / "bin-without"
+    out.mkdir()
+    for d in os.environ["PATH"].split(os.pathsep):
+        if not os.path.isdir(d):
+            continue
+        for name in os.listdir(d):
+            target = Path(d) / name
+            if name not in hidden and not (out / name).exists() and os.access(target, os.X_OK):
+                (out / name).symlink_to(target)
+    return out
+
+
+def test_ffmpeg_and_nvenc_are_checked_for_the_capabilities_that_encode_video(
+    volume: Path, tmp_path: Path
+) -> None:
+    """video runs ffmpeg and ffprobe from the image: diagnose runs them too (env section), and
+    asks, as the pipeline's warm-load does, whether NVENC really encodes (gpu section)."""
+    manifest = tmp_path / "empty.toml"
+    manifest.write_text("")
+    env = base_environ(
+        BOOTSTRAP_VOLUME=str(volume), BOOTSTRAP_EXTRAS="video", BOOTSTRAP_MANIFEST=str(manifest)
+    )
+    _, _, report = diagnose(env)
+    ff = check(report, "env", "ffmpeg")
+    assert ff["status"] == "ok" and "ffprobe" in ff["detail"] and "video" in ff["detail"], ff
+    nvenc = check(report, "gpu", "nvenc")  # no GPU here: the CPU encoder, said so
+    assert nvenc["status"] == "unknown" and "libx264" in nvenc["detail"], nvenc
+
+    # A GPU whose container lacks the driver's libraries (this machine, with a stand-in
+    # nvidia-smi): Debian's ffmpeg lists h264_nvenc, the one-frame trial fails, and says why.
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    (fake_bin / "nvidia-smi").write_text(FAKE_SMI)
+    (fake_bin / "nvidia-smi").chmod(0o755)
+    _, _, report = diagnose({**env, "PATH": f"{fake_bin}:{os.environ['PATH']}"})
+    nvenc = check(report, "gpu", "nvenc")
+    assert nvenc["status"] == "degraded", nvenc
+    assert (
+        "trial failed: no NVIDIA driver in this container" in nvenc["detail"] and "libx264" in nvenc["detail"]
+    )
+
+    # ffmpeg missing from the image: video is required, so broken, with the fix; optional, degraded.
+    no_ffmpeg = {**env, "PATH": str(_bin_without(tmp_path, "ffmpeg", "ffprobe"))}
+    c = assert_broken(*diagnose(no_ffmpeg), "env", "ffmpeg", "apt-get install ffmpeg")
+    assert "ffmpeg and ffprobe not found on PATH" in c["detail"]
+    _, _, report = diagnose({**no_ffmpeg, "BOOTSTRAP_OPTIONAL": "video"})
+    assert check(report, "env", "ffmpeg")["status"] == "degraded"
+
+    # A capability that runs no program: nothing to check.
+    _rc, _text, report = diagnose({**env, "BOOTSTRAP_EXTRAS": "faceswap"})
+    assert check(report, "env", "ffmpeg")["detail"].startswith("not needed")
+    assert "nvenc" not in {c["name"] for c in section(report, "gpu")["checks"]}

@@ -4,6 +4,7 @@ pipeline module here. Standard library only: bootstrap's import smoke test reads
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 
@@ -18,6 +19,10 @@ class CapabilitySpec:
     pipeline: str
     #: further task names served by the same pipeline (``speech``: ``tts`` and ``transcribe``)
     also: tuple[str, ...] = ()
+    #: system programs it runs (from the image, not the env): `bootstrap diagnose` checks them
+    programs: tuple[str, ...] = ()
+    #: it encodes video, so NVENC or its CPU fallback matters (diagnose's gpu section)
+    encodes_video: bool = False
 
     @property
     def tasks(self) -> tuple[str, ...]:
@@ -39,3 +44,8 @@ def by_task(task: str) -> CapabilitySpec | None:
         if task in spec.tasks:
             return spec
     return None
+
+
+def needing_programs(names: Iterable[str]) -> dict[str, tuple[str, ...]]:
+    """Of the capabilities ``names``, those that run system programs: name → programs."""
+    return {n: CAPABILITIES[n].programs for n in names if n in CAPABILITIES and CAPABILITIES[n].programs}

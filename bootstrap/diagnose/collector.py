@@ -42,7 +42,7 @@ SECTION_FNS: Mapping[str, SectionFn] = {
 
 def _section_deadline(name: str, o: Options) -> float:
     if name == "gpu":
-        return 2 * o.gpu_timeout_s + o.probe_timeout_s
+        return 3 * o.gpu_timeout_s + o.probe_timeout_s  # nvidia-smi twice, the NVENC trial, the probe
     return o.section_timeout_s
 
 

@@ -28,6 +28,9 @@ from bootstrap.env import (
 from bootstrap.errors import BootstrapError
 from bootstrap.lease import holder_dead_here, list_leases
 from bootstrap.timeline import JSONL, read_events
+from worker import pipelines  # noqa: F401 - registers the capabilities (standard library only)
+from worker.capabilities import needing_programs
+from worker.encoders import Tools
 
 _IDENTITY = (
     "import json, platform, sys, sysconfig;"
@@ -114,6 +117,7 @@ def check_env(ctx: Context) -> list[Check]:
                     f"this image's interpreter: {describe_python(expected)} (no env to compare)",
                 )
             )
+    checks.append(check_programs(ctx, list(inputs.get("extras") or [])))
     checks.append(_half_built_check(ctx, key, ready is not None, half, live, deadline))
     if aside:
         listed = "\n".join(f"{p.name}: {size_text(dir_size(p, deadline), o.size_budget_s)}" for p in aside)
@@ -377,3 +381,33 @@ def _half_built_check(
 
 
 # -- leases -----------------------------------------------------------------------------------
+
+
+def check_programs(ctx: Context, extras: list[str]) -> Check:
+    """ffmpeg and ffprobe, for the capabilities that run them: found on PATH and answering
+    ``-version`` (the env's smoke test asks the same at build time; this is the image now)."""
+    needs = needing_programs(extras)
+    if not needs:
+        return Check("ffmpeg", Status.OK, "not needed: no capability in this image's extras runs it")
+    users = ", ".join(sorted(needs))
+    required = [c for c in needs if not ctx.settings.is_optional(c)]
+    try:
+        tools = Tools.find(ctx.settings.environ.get("PATH", os.defpath))
+        versions = tools.versions()
+    except (RuntimeError, OSError, subprocess.TimeoutExpired) as err:
+        return Check(
+            "ffmpeg",
+            Status.BROKEN if required else Status.DEGRADED,
+            f"{users} need ffmpeg and ffprobe: {err}",
+            hint="install Debian's ffmpeg in the image (Dockerfile.runpod does: apt-get install ffmpeg); "
+            + (
+                "the worker cannot start its " + ", ".join(required)
+                if required
+                else "those capabilities degrade"
+            ),
+        )
+    return Check(
+        "ffmpeg",
+        Status.OK,
+        f"ffmpeg {versions['ffmpeg']} ({tools.ffmpeg}) and ffprobe {versions['ffprobe']} run; used by {users}",
+    )

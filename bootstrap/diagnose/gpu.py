@@ -16,7 +16,9 @@ from bootstrap.diagnose.context import Context, probe_environ
 from bootstrap.diagnose.model import Check, Status
 from bootstrap.env import env_python
 from bootstrap.settings import REQUIRE_GPU, Settings
-from worker import gpu_probe
+from worker import gpu_probe, pipelines  # noqa: F401 - pipelines registers the capabilities
+from worker.capabilities import CAPABILITIES
+from worker.encoders import ENCODERS, Tools, nvenc_failure_reason, trial_encode
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
@@ -106,7 +108,55 @@ def check_gpu(ctx: Context) -> list[Check]:
                 )
             )
     checks += _gpu_env_checks(ctx, device, driver_cuda, problem, absent)
+    if (nvenc := check_nvenc(ctx, device, absent)) is not None:
+        checks.append(nvenc)
     return checks
+
+
+def check_nvenc(ctx: Context, device: bool, absent: Status) -> Check | None:
+    """For a capability that encodes video: does ``h264_nvenc`` really encode here? Decided as the
+    video pipeline decides at warm-load (`worker.encoders`): the build must list it and a
+    one-frame trial encode must work; Debian's ffmpeg lists NVENC on machines without any GPU."""
+    users = sorted(
+        c
+        for c in (ctx.key_inputs or {}).get("extras") or []
+        if c in CAPABILITIES and CAPABILITIES[c].encodes_video
+    )
+    if not users:
+        return None
+    gpu, cpu = ENCODERS["h264"]
+    try:
+        tools = Tools.find(ctx.settings.environ.get("PATH", os.defpath))
+        listed = tools.encoders()
+    except (RuntimeError, OSError, subprocess.TimeoutExpired) as err:
+        return Check(
+            "nvenc", Status.UNKNOWN, f"cannot ask ffmpeg: {err}", hint="see the env section's ffmpeg check"
+        )
+    who = ", ".join(users)
+    if gpu not in listed:
+        return Check(
+            "nvenc",
+            Status.DEGRADED if device else Status.OK,
+            f"this ffmpeg build has no {gpu}: {who} encode with {cpu} on the CPU",
+            hint="Debian's ffmpeg has NVENC; an ffmpeg built without it is slower on a GPU worker",
+        )
+    if not device:
+        return Check(
+            "nvenc",
+            absent,
+            f"no GPU: {who} encode with {cpu} on the CPU",
+            hint="on a GPU worker the same check tries a one-frame NVENC encode",
+        )
+    trial = trial_encode(tools, gpu, timeout=ctx.options.gpu_timeout_s)
+    if trial.ok:
+        return Check("nvenc", Status.OK, f"{gpu} encodes on this GPU (a one-frame trial): {who} use it")
+    return Check(
+        "nvenc",
+        Status.DEGRADED,
+        f"{gpu} is listed but a one-frame trial failed: {nvenc_failure_reason(trial.stderr, trial.returncode)}; {who} encode with {cpu} on the CPU (slower)",
+        hint="the image sets NVIDIA_DRIVER_CAPABILITIES=compute,utility,video so RunPod mounts the driver's NVENC library; "
+        "a GPU without NVENC (A100, H100) always encodes on the CPU",
+    )
 
 
 def _gpu_env_checks(

@@ -23,6 +23,8 @@ register(
         # the env's smoke test also runs ffmpeg and ffprobe for this capability (worker.smoke)
         modules=("ffmpeg", "cv2", "insightface", "boto3"),
         pipeline="worker.pipelines.video",
+        programs=("ffmpeg", "ffprobe"),
+        encodes_video=True,
     )
 )
 
@@ -40,6 +42,8 @@ register(
             "diffusers.pipelines.wan.pipeline_wan_animate",
         ),
         pipeline="worker.pipelines.animate",
+        programs=("ffmpeg", "ffprobe"),  # the pose video in, the result's mp4 out
+        encodes_video=True,
     )
 )
 
@@ -51,5 +55,6 @@ register(
         # the smoke test imports these in the built env, then the pipeline module itself
         modules=("f5_tts", "f5_tts.infer.utils_infer", "transformers", "torch", "torchaudio", "soundfile"),
         pipeline="worker.pipelines.speech",
+        programs=("ffmpeg",),  # mp3/ogg encoding; torchcodec loads its libraries
     )
 )
