@@ -42,14 +42,6 @@ def worker_environ(settings: Settings, plan_path: Path) -> dict[str, str]:
     PYTHONPATH and offline flags. Settings reach the worker through the plan, never from here."""
     env = child_environ(settings.environ, pythonpath=[settings.app_dir], inherit_pythonpath=True)
     env[PLAN] = str(plan_path)
-    # Still re-exported while the worker reads its settings from the environment (see worker/main.py).
-    env["BOOTSTRAP_WORKER_ID"] = settings.worker_id
-    env["BOOTSTRAP_LOG_FORMAT"] = settings.log_format
-    if settings.serve_api is not None:
-        host, port = settings.serve_api
-        env["BOOTSTRAP_SERVE_API"] = f"{host}:{port}"
-    if settings.optional:
-        env["BOOTSTRAP_OPTIONAL"] = ",".join(sorted(settings.optional))
     env.update(OFFLINE_FLAGS)
     env["PYTHONUNBUFFERED"] = "1"
     return env

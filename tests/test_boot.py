@@ -151,7 +151,7 @@ def test_weights_failure_with_serve_error_answers_jobs_then_exits_13(
         BOOTSTRAP_EXTRAS="faceswap",
         BOOTSTRAP_MANIFEST=str(manifest),
         BOOTSTRAP_ON_FATAL="serve-error",
-        BOOTSTRAP_FATAL_GRACE_S="4",
+        BOOTSTRAP_FATAL_GRACE_S="20",  # the SDK's local API must come up inside it on a loaded machine
         BOOTSTRAP_SERVE_API=f"127.0.0.1:{port}",
         BOOTSTRAP_WORKER_ID="w3",
     )

@@ -37,7 +37,9 @@ def test_the_worker_reads_the_boots_settings_from_the_plan(tmp_path: Path) -> No
 
     env = worker_environ(boot, path)
     assert env[PLAN] == str(path)
-    # The worker's process environment lacks what the boot resolved: the plan supplies it.
+    # What `serve` resolved is not re-exported as variables for the worker to parse again: the
+    # plan is the one channel (and the worker's environment may lack even what the user set).
+    assert "BOOTSTRAP_SERVE_API" not in env and "BOOTSTRAP_OPTIONAL" not in env
     bare = {k: v for k, v in env.items() if not k.startswith("BOOTSTRAP_") or k == PLAN}
     got = read_plan(path).worker_settings(bare)
     assert got.worker_id == "w-plan" and got.log_format == "json"

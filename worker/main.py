@@ -181,9 +181,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("error: no plan: run the worker through `bootstrap run`", file=sys.stderr)
         return 2
     plan = read_plan(args.plan)
-    # TODO(issue 10): plan.worker_settings() (the boot's settings, carried by the plan) broke the
-    # serve-error boot test (tests/test_boot.py); until that is understood the worker reads its env.
-    settings = Settings.from_env()
+    settings = plan.worker_settings()  # the boot's settings; the environment adds credentials
     timeline = Timeline.for_settings(settings)
     timeline.started = plan.boot_started or timeline.started
     timeline.attach(Volume(Path(plan.volume), "plan").log_dir(settings.worker_id), rotate=False)
