@@ -23,9 +23,12 @@ from bootstrap.settings import Settings
 from bootstrap.timeline import scrub_data, secret_values
 
 PLAN_VERSION = 1
-#: Settings fields the plan never carries: secrets, and what only describes the environment
+#: Settings fields the plan never carries: what only describes the environment, credentials,
+#: and every secret (a field kept out of ``repr``): the worker reads those from its environment.
+#: A carried secret would only arrive scrubbed — a webhook signed with the placeholder.
 NOT_CARRIED = frozenset(
     {"environ", "sources", "hf_token", "hf_endpoint", "aws_endpoint_url", "bucket", "mirror"}
+    | {f.name for f in dataclasses.fields(Settings) if not f.repr}
 )
 
 

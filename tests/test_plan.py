@@ -9,7 +9,11 @@ from bootstrap.run import serve_settings, worker_environ
 from bootstrap.settings import PLAN, Settings
 from tests.helpers import base_environ
 
-SECRETS = {"HF_TOKEN": "hf_never_in_the_plan_123", "BUCKET_SECRET_ACCESS_KEY": "bucket-secret-never-in-plan"}
+SECRETS = {
+    "HF_TOKEN": "hf_never_in_the_plan_123",
+    "BUCKET_SECRET_ACCESS_KEY": "bucket-secret-never-in-plan",
+    "WORKER_WEBHOOK_SECRET": "webhook-secret-never-in-plan",
+}
 MIRROR_PASSWORD = "mirror-pass-never-in-plan"
 
 
@@ -52,6 +56,8 @@ def test_the_worker_reads_the_boots_settings_from_the_plan(tmp_path: Path) -> No
     assert (
         got.bucket.name == "outputs" and got.bucket.secret_access_key == SECRETS["BUCKET_SECRET_ACCESS_KEY"]
     )
+    # the webhook's key is the user's, not the plan's scrubbed placeholder: signatures verify
+    assert got.worker_webhook_secret == SECRETS["WORKER_WEBHOOK_SECRET"]
     assert got.hf_token is None  # the weights' token never reaches the worker
 
 
