@@ -416,6 +416,9 @@ class Transfer:
                         continue
                     body = _Empty()
         finally:
+            # The body this loop took last (a Connection: close response owns its socket, which
+            # closing the connection alone would leave open until the garbage collector ran).
+            body.close()
             if conn is not None:
                 conn.close()
 
@@ -426,6 +429,7 @@ class Transfer:
         h = hashlib.sha256()
         buf = bytearray(CHUNK)
         mv = memoryview(buf)
+        body: Any = _Empty()
         try:
             body = conn.get(0, None)
             pos = 0
@@ -447,10 +451,12 @@ class Transfer:
                 self.on_bytes(n)
                 if self.abort.is_set():
                     raise Aborted("stopped: another required file failed")
-            body.close()
         except Transient as err:
             raise SourceFailed(f"{err} (size unknown, so no resume)") from None
         finally:
+            # On every way out: a body read to its close owns the socket (Connection: close), and
+            # a refusal (too big, disk full, aborted) must not leave it to the garbage collector.
+            body.close()
             conn.close()
         return h.hexdigest()
 
