@@ -72,3 +72,31 @@ def test_the_steps_shellcheck_fails_a_script_with_a_shell_mistake(tmp_path: Path
         _local(next(c for c in step if c.startswith("shellcheck")), bad), capture_output=True, text=True
     )
     assert proc.returncode != 0 and "SC2086" in proc.stdout
+
+
+def test_the_image_compiles_what_a_boot_imports(tmp_path: Path) -> None:
+    """Issue 16: without bytecode in the image every container start compiles bootstrap and its
+    dependencies again. The dependency install compiles (uv's ``--compile-bytecode``) and the
+    render step's ``compileall`` of the source, run here on a copy, leaves a ``.pyc`` per module."""
+    text = (REPO / "Dockerfile.runpod").read_text().replace("\\\n", " ")
+    installs = [
+        part.strip()
+        for line in text.splitlines()
+        if line.strip().startswith("RUN ")
+        for part in line.split("&&")
+        if "uv pip install --system" in part and "-r " in part
+    ]
+    assert installs and all("--compile-bytecode" in c for c in installs), installs
+    compile_step = [c for c in _render_step() if c.startswith("python -m compileall")]
+    assert len(compile_step) == 1, _render_step()
+    argv = shlex.split(compile_step[0])
+    assert {a for a in argv if a.startswith("/app/")} == {"/app/bootstrap", "/app/worker"}
+    for package in ("bootstrap", "worker"):
+        shutil.copytree(REPO / package, tmp_path / package)
+    local = [sys.executable if a == "python" else a.replace("/app", str(tmp_path)) for a in argv]
+    subprocess.run(local, check=True)
+    sources = sorted((tmp_path / "bootstrap").rglob("*.py")) + sorted((tmp_path / "worker").rglob("*.py"))
+    assert sources
+    tag = sys.implementation.cache_tag
+    missing = [p for p in sources if not (p.parent / "__pycache__" / f"{p.stem}.{tag}.pyc").is_file()]
+    assert missing == []

@@ -285,3 +285,42 @@ def test_eight_workers_publish_a_repo_once(tmp_path: Path, env_volume_factory: A
             else None
         )
         assert plan is None or plan["models"]["w/r"] == str(models / "w" / "r")
+
+
+def _imported(stderr: str) -> set[str]:
+    """Module names from ``python -X importtime``'s report on stderr."""
+    names = set()
+    for line in stderr.splitlines():
+        if line.startswith("import time:") and line.count("|") == 2:
+            names.add(line.rsplit("|", 1)[1].strip())
+    return names
+
+
+def test_a_warm_boot_imports_nothing_that_fetches(
+    tmp_path: Path, served: tuple[FaultServer, dict[str, bytes]], env_volume_factory: Any
+) -> None:
+    """Issue 16: a boot whose files are all verified never loads the fetcher (``http.client``,
+    ``ssl``, ``boto3``); the cold boot before it, which fetched, did — so the check can fail."""
+    srv, _ = served
+    volume = env_volume_factory(tmp_path / "vol", (CAP,))
+    man = manifest(tmp_path, srv.url, ["small.onnx"])
+    importtime = [sys.executable, "-X", "importtime", *WEIGHTS_ONLY[1:]]
+    runs = {}
+    for worker in ("cold", "warm"):
+        runs[worker] = subprocess.run(
+            importtime,
+            env=boot_env(volume, man, worker),
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert runs[worker].returncode == 0, runs[worker].stderr[-3000:]
+    assert weights_end(volume, "cold")["detail"]["fetched"] == ["w/small.onnx"]
+    assert weights_end(volume, "warm")["detail"]["fetched"] == []
+    fetcher = {"http.client", "ssl", "boto3", "bootstrap.weights.sources", "bootstrap.weights.transfer"}
+    cold, warm = _imported(runs["cold"].stderr), _imported(runs["warm"].stderr)
+    assert {"http.client", "bootstrap.weights.sources"} <= cold
+    assert "bootstrap.weights.phase" in warm
+    assert warm & fetcher == set()

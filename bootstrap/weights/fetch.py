@@ -37,9 +37,17 @@ from bootstrap.settings import Settings
 from bootstrap.timeline import Timeline
 from bootstrap.volume import Volume, fsync_dir, require_free
 from bootstrap.weights.hfcache import use_cached_file
+from bootstrap.weights.mirror import mirror_url
 from bootstrap.weights.progress import Progress
-from bootstrap.weights.records import quarantine, read_record, why_unverified, write_record
-from bootstrap.weights.sources import Probe, Source, SourceFailed, Transient, make_source, mirror_url
+from bootstrap.weights.records import (
+    FileOutcome,
+    located,
+    quarantine,
+    read_record,
+    why_unverified,
+    write_record,
+)
+from bootstrap.weights.sources import Probe, Source, SourceFailed, Transient, make_source
 from bootstrap.weights.transfer import (
     UNKNOWN_SPACE_EVERY,
     Aborted,
@@ -78,27 +86,12 @@ class FetchContext:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
-@dataclass
-class FileOutcome:
-    path: str
-    fetched: bool
-    source: str | None = None
-    received: int = 0
-    resumed: int = 0
-
-
 def lease_name(dest: str) -> str:
     """``file-<sha256 of dest>`` (SPEC §5)."""
     return "file-" + hashlib.sha256(dest.encode()).hexdigest()
 
 
 # -- one file ----------------------------------------------------------------------------------
-
-
-def located(volume: Volume, dest: str) -> Path:
-    """Where a verified entry is: its record's ``location`` (the HF cache), else ``models/<dest>``."""
-    record = read_record(volume, dest) or {}
-    return Path(record["location"]) if record.get("location") else volume.models / dest
 
 
 def ensure_file(ctx: FetchContext, f: ModelFile) -> FileOutcome:

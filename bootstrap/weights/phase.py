@@ -3,7 +3,8 @@
 Internal logic:
 
 1. Warm path first, without a thread or a socket: an entry whose ``.verified`` record holds and
-   whose size + sniff still match is used as it is (a warm boot makes no network call).
+   whose size + sniff still match is used as it is (a warm boot makes no network call, and does
+   not even import the fetcher: ``http.client``, ``ssl`` and the rest load only in `_fetch`).
 2. The rest run a few at once (`bootstrap.weights.fetch.ensure_file`). A failure does not stop
    the others: every entry that can be verified is published first.
 3. Optional capabilities' failures degrade them; required ones raise once all are done, naming
@@ -12,9 +13,8 @@ Internal logic:
 
 from __future__ import annotations
 
-import concurrent.futures
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bootstrap.errors import BootstrapError, WeightsError
 from bootstrap.manifest import ModelFile, ModelRepo, load_all
@@ -22,12 +22,11 @@ from bootstrap.plan import Plan
 from bootstrap.settings import Settings
 from bootstrap.timeline import Timeline
 from bootstrap.volume import Volume
-from bootstrap.weights.fetch import FetchContext, FileFailed, FileOutcome, ensure_file, located
-from bootstrap.weights.progress import Progress
-from bootstrap.weights.records import why_unverified
-from bootstrap.weights.repo import ensure_repo
-from bootstrap.weights.sources import check_mirror
-from bootstrap.weights.transfer import Aborted, FetchOptions
+from bootstrap.weights.mirror import check_mirror
+from bootstrap.weights.records import FileOutcome, located, why_unverified
+
+if TYPE_CHECKING:
+    from bootstrap.weights.transfer import FetchOptions
 
 
 def validate(settings: Settings) -> list[ModelFile | ModelRepo]:
@@ -57,12 +56,7 @@ def ensure_weights(
     file that failed: `WeightsError` (13), or `InsufficientDiskError` (11) / `LockTimeoutError`
     (14) when no file failed for another reason.
     """
-    options = options or FetchOptions()
     files = validate(settings)
-    progress = Progress(timeline, every_s=options.progress_every_s)
-    ctx = FetchContext(
-        settings, volume, timeline, options, progress, owner=f"{settings.worker_id}:{os.getpid()}"
-    )
     detail["files"] = len(files)
     outcomes: dict[str, FileOutcome] = {}
     failures: dict[str, BaseException] = {}
@@ -74,27 +68,7 @@ def ensure_weights(
         else:
             todo.append(f)
     if todo:
-        progress.start()
-        try:
-            with concurrent.futures.ThreadPoolExecutor(
-                max_workers=max(1, options.files_at_once), thread_name_prefix="weights"
-            ) as pool:
-                futures = {
-                    pool.submit(ensure_repo if isinstance(f, ModelRepo) else ensure_file, ctx, f): f  # type: ignore[arg-type]
-                    for f in todo
-                }
-                for fut in concurrent.futures.as_completed(futures):
-                    f = futures[fut]
-                    try:
-                        outcomes[f.published_dest] = fut.result()
-                    except (FileFailed, BootstrapError, Aborted) as err:
-                        # The others go on: a large good file still lands this boot.
-                        failures[f.published_dest] = err
-                    except BaseException:
-                        ctx.abort.set()  # a bug: stop the others (their journals keep what they had)
-                        raise
-        finally:
-            progress.stop()
+        _fetch(settings, volume, timeline, todo, options, outcomes, failures)
     required: list[tuple[ModelFile | ModelRepo, BaseException]] = []
     for f in files:
         dest = f.published_dest
@@ -124,6 +98,51 @@ def ensure_weights(
         detail["failed"] = sorted(failures)
     if required:
         raise _required_failure(required)
+
+
+def _fetch(
+    settings: Settings,
+    volume: Volume,
+    timeline: Timeline,
+    todo: list[ModelFile | ModelRepo],
+    options: FetchOptions | None,
+    outcomes: dict[str, FileOutcome],
+    failures: dict[str, BaseException],
+) -> None:
+    """Fetch ``todo`` a few at once, filling ``outcomes`` and ``failures``; a bug stops them all."""
+    import concurrent.futures
+
+    from bootstrap.weights.fetch import FetchContext, FileFailed, ensure_file
+    from bootstrap.weights.progress import Progress
+    from bootstrap.weights.repo import ensure_repo
+    from bootstrap.weights.transfer import Aborted, FetchOptions
+
+    options = options or FetchOptions()
+    progress = Progress(timeline, every_s=options.progress_every_s)
+    ctx = FetchContext(
+        settings, volume, timeline, options, progress, owner=f"{settings.worker_id}:{os.getpid()}"
+    )
+    progress.start()
+    try:
+        with concurrent.futures.ThreadPoolExecutor(
+            max_workers=max(1, options.files_at_once), thread_name_prefix="weights"
+        ) as pool:
+            futures = {
+                pool.submit(ensure_repo if isinstance(f, ModelRepo) else ensure_file, ctx, f): f  # type: ignore[arg-type]
+                for f in todo
+            }
+            for fut in concurrent.futures.as_completed(futures):
+                f = futures[fut]
+                try:
+                    outcomes[f.published_dest] = fut.result()
+                except (FileFailed, BootstrapError, Aborted) as err:
+                    # The others go on: a large good file still lands this boot.
+                    failures[f.published_dest] = err
+                except BaseException:
+                    ctx.abort.set()  # a bug: stop the others (their journals keep what they had)
+                    raise
+    finally:
+        progress.stop()
 
 
 def _required_failure(required: list[tuple[ModelFile | ModelRepo, BaseException]]) -> BootstrapError:

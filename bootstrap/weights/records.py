@@ -12,6 +12,7 @@ import json
 import shutil
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -157,3 +158,20 @@ def quarantine(volume: Volume, path: Path, dest: str, reason: str, **facts: Any)
     with contextlib.suppress(OSError):
         write_json_atomic(reason_path, {"dest": dest, "reason": reason, "at": stamp, **facts}, indent=2)
     return target
+
+
+@dataclass
+class FileOutcome:
+    """Where one verified entry is, and what it cost to get it there."""
+
+    path: str
+    fetched: bool
+    source: str | None = None
+    received: int = 0
+    resumed: int = 0
+
+
+def located(volume: Volume, dest: str) -> Path:
+    """Where a verified entry is: its record's ``location`` (the HF cache), else ``models/<dest>``."""
+    record = read_record(volume, dest) or {}
+    return Path(record["location"]) if record.get("location") else volume.models / dest

@@ -40,13 +40,13 @@ from bootstrap.volume import fsync_dir
 from bootstrap.weights.fetch import (
     FetchContext,
     FileFailed,
-    FileOutcome,
     download,
     git_blob_id,
     lease_name,
 )
 from bootstrap.weights.hfcache import cache_root, verify_snapshot
-from bootstrap.weights.records import quarantine, read_record, why_unverified, write_record
+from bootstrap.weights.mirror import mirror_url
+from bootstrap.weights.records import FileOutcome, quarantine, read_record, why_unverified, write_record
 from bootstrap.weights.sources import (
     HF_DEFAULT_ENDPOINT,
     HTTPConnection,
@@ -54,7 +54,6 @@ from bootstrap.weights.sources import (
     SourceFailed,
     Transient,
     make_source,
-    mirror_url,
 )
 from bootstrap.weights.transfer import Aborted, owner_alive
 from bootstrap.weights.verify import BadFile, check_format, format_for

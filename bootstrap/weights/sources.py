@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any, Protocol
-from urllib.parse import quote, unquote, urljoin, urlsplit
+from urllib.parse import unquote, urljoin, urlsplit
 
 from bootstrap.errors import ConfigError
 from bootstrap.urls import (
@@ -36,9 +36,9 @@ from bootstrap.urls import (
     origin,
     parse_hf,
     scheme_of,
-    scrub_passwords,
     shown,
 )
+from bootstrap.weights.mirror import check_http
 
 HF_DEFAULT_ENDPOINT = "https://huggingface.co"
 USER_AGENT = "volume-worker-bootstrap/1"
@@ -632,7 +632,7 @@ def make_source(
             raise ConfigError(
                 str(err), hint="e.g. hf://org/repo/model.onnx?revision=<40-hex commit>"
             ) from None
-        _check_http(resolved, "HF_ENDPOINT")
+        check_http(resolved, "HF_ENDPOINT")
         return HTTPSource(
             resolved,
             label=url,
@@ -642,7 +642,7 @@ def make_source(
             policy=policy,
         )
     if scheme in ("https", "http"):
-        _check_http(url, "the source")
+        check_http(url, "the source")
         return HTTPSource(url, label=shown(url), timeout_s=timeout_s, policy=policy)
     if scheme == "s3":
         key = parts.path.lstrip("/")
@@ -656,52 +656,6 @@ def make_source(
     raise ConfigError(
         f"{shown(url)!r}: unsupported scheme {scheme!r}", hint="use hf://, https://, s3:// or file://"
     )
-
-
-def _check_http(url: str, what: str) -> None:
-    parts = urlsplit(url)
-    scheme = scheme_of(url)
-    if scheme == "http" and not is_loopback_host(parts.hostname or ""):
-        raise ConfigError(
-            f"{what} {shown(url)!r} is plain http:// to a non-loopback host",
-            hint="use https:// (plain http is only accepted on 127.0.0.1 for tests)",
-        )
-    if scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError(f"{what} {shown(url)!r} is not an https:// URL", hint="use https://HOST/...")
-
-
-def check_mirror(mirror: str) -> None:
-    """`ConfigError` (exit 2) unless ``BOOTSTRAP_MIRROR`` is a directory, https://, s3:// or file://.
-
-    Schemes are case-insensitive (``HTTPS://`` is https); anything else with ``://`` is refused
-    rather than taken for a directory name (which would print its password in every path).
-    """
-    scheme = scheme_of(mirror)
-    hint = "set BOOTSTRAP_MIRROR to a directory, an https:// base, s3://bucket/prefix or file:///dir"
-    if not scheme:
-        if "://" in mirror:
-            raise ConfigError(
-                f"BOOTSTRAP_MIRROR {scrub_passwords(mirror)!r} is not a URL or a directory", hint=hint
-            )
-        return
-    if scheme in ("https", "http"):
-        _check_http(mirror, "BOOTSTRAP_MIRROR")
-    elif scheme == "s3":
-        if not urlsplit(mirror).netloc:
-            raise ConfigError(f"BOOTSTRAP_MIRROR {shown(mirror)!r} is not s3://BUCKET[/PREFIX]", hint=hint)
-    elif scheme != "file":
-        raise ConfigError(f"BOOTSTRAP_MIRROR {shown(mirror)!r}: unsupported scheme {scheme!r}", hint=hint)
-
-
-def mirror_url(mirror: str, dest: str) -> str:
-    """Where ``BOOTSTRAP_MIRROR`` holds ``dest``: a directory, an https:// base or s3://bucket/prefix."""
-    check_mirror(mirror)
-    scheme = scheme_of(mirror)
-    if scheme in ("https", "http", "s3"):
-        return mirror.rstrip("/") + "/" + quote(dest)
-    if scheme == "file":
-        mirror = unquote(urlsplit(mirror).path)
-    return Path(mirror, dest).resolve().as_uri()
 
 
 def host_of(url: str) -> str:
