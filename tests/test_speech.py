@@ -279,3 +279,44 @@ def test_arch_is_read_from_the_checkpoint(speech_models: Path) -> None:
         2,
     )
     assert speech.filesystem_type(str(speech_models)) not in speech.NETWORK_FS
+
+
+# -- the env's smoke test ----------------------------------------------------------------------
+
+
+def _smoke(tmp_path: Path, **env: str) -> tuple[int, dict[str, Any]]:
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO, base_environ
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "worker.smoke", "speech"],
+        env=base_environ(**env),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    return proc.returncode, json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_the_smoke_test_runs_a_clip_through_the_audio_stack(tmp_path: Path) -> None:
+    """Issue 13: torch, torchaudio and torchcodec must work together, not only import."""
+    rc, out = _smoke(tmp_path)
+    assert (rc, out["capabilities"]) == (0, {"speech": None}), out
+
+
+def test_a_torchcodec_whose_library_does_not_load_fails_the_smoke_test(tmp_path: Path) -> None:
+    """The mismatch the pins prevent: torchcodec's native library built for another torch raises
+    OSError at the decoder's import; the smoke test names it (the env is then not published)."""
+    fake = tmp_path / "shadow" / "torchcodec"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("")
+    (fake / "decoders.py").write_text(
+        "raise OSError('libtorchcodec_core7.so: undefined symbol: _ZN3c1017RegisterOperators')\n"
+    )
+    rc, out = _smoke(tmp_path, PYTHONPATH=str(tmp_path / "shadow"))
+    assert rc == 1
+    assert out["capabilities"]["speech"].startswith("audio: decode wav (torchcodec): OSError"), out

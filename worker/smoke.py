@@ -4,7 +4,10 @@
 modules (and its pipeline module, when one is registered), and prints one JSON line:
 ``{"base": null | error, "capabilities": {cap: null | error}}``. A missing system library
 (libGL) or module shows up here, at build time, not at the first job (FAILURES F4, F5); for
-``video`` the ``ffmpeg`` and ``ffprobe`` programs must also run.
+``video`` the ``ffmpeg`` and ``ffprobe`` programs must also run, and for ``speech`` a generated clip
+goes through every audio library a job uses (libsndfile's MP3 encoder, the worker's decoder and
+resampler, torchaudio's resampler that F5-TTS runs, torchcodec's decoder that ``torchaudio.load``
+runs): torch, torchaudio and torchcodec that import but do not match fail here, not at a job.
 
 Module lists come from the project's ``pyproject.toml`` ``[tool.bootstrap.smoke]`` table when it
 has one (``base = [...]`` and one list per capability), else from the worker's capability
@@ -47,8 +50,43 @@ def _ffmpeg_runs() -> str | None:
     return None
 
 
-#: Capabilities that also need system programs to run: cap → check returning an error or None.
-PROGRAM_CHECKS = {"video": _ffmpeg_runs}
+def _audio_round_trip() -> str | None:
+    """A 0.5 s 440 Hz tone at 44.1 kHz through the speech capability's audio stack (the module doc)."""
+    step = "generate"
+    try:
+        import numpy as np
+
+        from worker import audio
+
+        tone = (0.5 * np.sin(2 * np.pi * 440 * np.arange(22050) / 44100)).astype(np.float32)
+        step = "encode mp3 (libsndfile)"
+        mp3 = audio.encode(tone, 44100, "mp3")
+        step = "decode and resample to 24 kHz (worker.audio)"
+        got = audio.decode(mp3, rate=24000, max_s=5.0, what="the smoke clip")
+        if not 0.4 < got.duration_s < 0.7:
+            return f"audio: the 0.5 s clip decoded to {got.duration_s:.2f} s"
+        step = "resample 24 -> 16 kHz (torchaudio)"
+        import torch
+        import torchaudio
+
+        wave = torchaudio.transforms.Resample(24000, 16000)(torch.from_numpy(got.samples).unsqueeze(0))
+        if abs(wave.shape[-1] - len(got.samples) * 2 // 3) > 2:
+            return f"audio: torchaudio resampled {len(got.samples)} samples to {wave.shape[-1]}"
+        step = "decode wav (torchcodec)"
+        from torchcodec.decoders import AudioDecoder
+
+        samples = AudioDecoder(audio.encode(tone, 44100, "wav")).get_all_samples()
+        if samples.sample_rate != 44100 or samples.data.shape[-1] != len(tone):
+            return f"audio: torchcodec decoded {tuple(samples.data.shape)} at {samples.sample_rate} Hz"
+    except BaseException as err:  # a native library that does not load raises anything at all
+        last = traceback.format_exception_only(type(err), err)[-1].strip()
+        return f"audio: {step}: {last}"
+    return None
+
+
+#: Capabilities that need more than imports: cap → a check returning an error or None
+#: (system programs for video, the audio stack for speech).
+PROGRAM_CHECKS = {"video": _ffmpeg_runs, "speech": _audio_round_trip}
 
 
 def smoke_table(project: Path | None) -> dict[str, Any] | None:
