@@ -249,10 +249,11 @@ def main() -> None:
 
 
 def wio_decode_source(pipe: video.FaceSwapVideo) -> Any:
+    from worker import fetch as wfetch
     from worker import io as wio
 
     img = wio.decode_image(
-        wio.decode_base64(SOURCE, 10**7, "source"), max_pixels=10**8, max_side=None, what="source"
+        wfetch.decode_base64(SOURCE, 10**7, "source"), max_pixels=10**8, max_side=None, what="source"
     )
     face = pipe.faces.detect(img.bgr)[0]
     pipe.faces.embed(img.bgr, face)

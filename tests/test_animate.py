@@ -271,7 +271,7 @@ def test_not_an_image_and_not_a_video(pipe: animate.Animate, clip: Path) -> None
 def test_url_not_allowed(pipe: animate.Animate, clip: Path) -> None:
     assert code_of(pipe, job(clip, video=None, video_url="file:///etc/passwd")) == "URL_NOT_ALLOWED"
     strict = copy.copy(pipe)
-    strict.video_policy = animate.wio.FetchPolicy(max_bytes=10**6, allow_private=False)
+    strict.video_policy = animate.wfetch.FetchPolicy(max_bytes=10**6, allow_private=False)
     assert code_of(strict, job(clip, video=None, video_url="http://127.0.0.1:9/a.mp4")) == "URL_NOT_ALLOWED"
 
 

@@ -33,7 +33,7 @@ from tests.fixture_models import (
     write_models_dir,
 )
 from worker import device
-from worker import io as wio
+from worker import fetch as wfetch
 from worker.errors import JOB_CODES
 from worker.handler import Worker
 from worker.lifecycle import Lifecycle, State
@@ -56,7 +56,7 @@ def with_settings(pipe: faceswap.FaceSwap, **changes: Any) -> faceswap.FaceSwap:
     """The same loaded models, other limits (a shallow copy: sessions are shared)."""
     clone = copy.copy(pipe)
     clone.settings = dataclasses.replace(pipe.settings, **changes)
-    clone.policy = wio.FetchPolicy(
+    clone.policy = wfetch.FetchPolicy(
         max_bytes=clone.settings.worker_max_input_bytes,
         allow_private=clone.settings.worker_allow_private_urls,
         timeout_s=3,
@@ -480,10 +480,10 @@ def _public_loopback(pipe: faceswap.FaceSwap, answers: dict[str, list[str]]) -> 
     def resolve(host: str, port: int) -> list[str]:
         if host in answers:
             return answers[host]
-        return wio._default_resolve(host, port)
+        return wfetch._default_resolve(host, port)
 
     clone.policy = dataclasses.replace(
-        clone.policy, resolve=resolve, is_public=lambda a: a == "127.0.0.1" or wio.is_public_address(a)
+        clone.policy, resolve=resolve, is_public=lambda a: a == "127.0.0.1" or wfetch.is_public_address(a)
     )
     return clone
 
@@ -528,8 +528,8 @@ def test_every_resolved_address_must_be_public(pipe: faceswap.FaceSwap, server: 
 
 
 def test_is_public_address() -> None:
-    assert wio.is_public_address("8.8.8.8")
-    assert wio.is_public_address("2606:4700:4700::1111")
+    assert wfetch.is_public_address("8.8.8.8")
+    assert wfetch.is_public_address("2606:4700:4700::1111")
     for addr in (
         "127.0.0.1",
         "::1",
@@ -542,7 +542,7 @@ def test_is_public_address() -> None:
         "0.0.0.0",
         "::",
     ):
-        assert not wio.is_public_address(addr), addr
+        assert not wfetch.is_public_address(addr), addr
 
 
 def test_url_credentials_are_not_echoed(pipe: faceswap.FaceSwap) -> None:

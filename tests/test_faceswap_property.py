@@ -22,7 +22,7 @@ from bootstrap.plan import Capability, Plan
 from bootstrap.settings import Settings
 from bootstrap.timeline import Timeline
 from tests.fixture_models import ImageServer, b64, encode, picture, write_models_dir
-from worker import io as wio
+from worker import fetch as wfetch
 from worker.errors import JOB_CODES
 from worker.handler import Worker
 from worker.lifecycle import Lifecycle, State
@@ -62,7 +62,7 @@ def worker(tmp_path_factory: pytest.TempPathFactory, server: ImageServer) -> Wor
         if host == HOST:
             return ["127.0.0.1"]
         if host.replace(".", "").isdigit() or ":" in host:
-            return wio._default_resolve(host, port)  # literal addresses: no DNS involved
+            return wfetch._default_resolve(host, port)  # literal addresses: no DNS involved
         raise OSError("no DNS in this test")
 
     pipe.policy = dataclasses.replace(pipe.policy, resolve=resolve, is_public=lambda a: a == "127.0.0.1")

@@ -24,7 +24,7 @@ from bootstrap.settings import Settings
 from bootstrap.timeline import Timeline
 from tests.fixture_models import b64, encode, picture, write_models_dir
 from tests.helpers import free_port
-from worker import io as wio
+from worker import output as wout
 from worker.handler import Worker
 from worker.lifecycle import Lifecycle, State
 from worker.pipelines import faceswap
@@ -80,7 +80,7 @@ def _worker(models: dict[str, str], environ: dict[str, str]) -> Worker:
         max_bytes=settings.worker_max_input_bytes,
         allow_private=settings.worker_allow_private_urls,
     )
-    pipe.uploader = wio.Uploader.from_settings(settings)
+    pipe.uploader = wout.Uploader.from_settings(settings)
     w = Worker(
         plan=Plan(worker_id="t", volume="/x", app_dir="."),
         timeline=Timeline("t", stream=io.StringIO()),

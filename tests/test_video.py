@@ -484,14 +484,14 @@ def test_s3_output_is_a_multipart_upload_with_a_presigned_url(
         assert s3.head_object(Bucket="outputs", Key=out["key"])["ContentType"] == "video/mp4"
         assert S3_SECRET not in json.dumps(out)
         # a large output goes up in parts (the multipart ETag ends with -<parts>)
-        from worker import io as wio
+        from worker import output as wout
 
         big = io.BytesIO(os.urandom(11 * 1024 * 1024))
-        res = wio.Uploader.from_settings(s).upload_file(
+        res = wout.Uploader.from_settings(s).upload_file(
             big,
             ext="mp4",
             content_type="video/mp4",
-            target=wio.Output("s3"),
+            target=wout.Output("s3"),
             prefix="x",
             part_bytes=5 * 1024 * 1024,
         )

@@ -28,7 +28,8 @@ from bootstrap.plan import Plan
 from bootstrap.settings import Settings
 from bootstrap.timeline import Timeline
 from bootstrap.weights import FetchOptions, ensure_weights, validate_weights
-from bootstrap.weights.sources import AddressPolicy, HTTPSource, SourceFailed
+from bootstrap.weights.protocol import SourceFailed
+from bootstrap.weights.sources import AddressPolicy, HTTPSource
 from tests.helpers import base_environ, can_mount_tmpfs, read_jsonl, run_bootstrap, tmpfs
 from tests.httpserver import FaultServer
 from tests.test_weights_fetch import MODEL, OPTS, PIN, Boot, assert_nothing_published, assert_published, entry

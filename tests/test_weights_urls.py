@@ -6,19 +6,19 @@ import io
 
 import pytest
 
-import worker.io as wio
 from bootstrap import urls
 from bootstrap.errors import ConfigError
 from bootstrap.manifest import parse_manifest
 from bootstrap.timeline import Timeline
 from bootstrap.weights.sources import HTTPSource, make_source
+from worker import fetch as wfetch
 
 PIN = "4dccd71e17017ccad11b92171f5f24aa408a1407"
 
 
 def test_the_worker_judges_addresses_with_the_same_function() -> None:
-    assert wio.is_public_address is urls.is_public_address
-    assert wio.FetchPolicy(max_bytes=1).is_public is urls.is_public_address
+    assert wfetch.is_public_address is urls.is_public_address
+    assert wfetch.FetchPolicy(max_bytes=1).is_public is urls.is_public_address
 
 
 def test_the_manifest_and_the_fetcher_agree_on_loopback() -> None:

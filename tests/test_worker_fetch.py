@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from worker import io as wio
+from worker import fetch as wfetch
 from worker.errors import JobError
 
 DEADLINE_S = 2.0
@@ -79,10 +79,10 @@ def _trickle(conn: socket.socket, stop: threading.Event, data: bytes, every: flo
 
 
 def _fetch(url: str, timeout_s: float = DEADLINE_S) -> tuple[JobError, float]:
-    policy = wio.FetchPolicy(max_bytes=10_000_000, allow_private=True, timeout_s=timeout_s)
+    policy = wfetch.FetchPolicy(max_bytes=10_000_000, allow_private=True, timeout_s=timeout_s)
     t0 = time.monotonic()
     with pytest.raises(JobError) as info:
-        wio.fetch_url(url, policy)
+        wfetch.fetch_url(url, policy)
     return info.value, time.monotonic() - t0
 
 
@@ -177,5 +177,5 @@ def test_an_ordinary_response_with_headers_and_chunks_is_read() -> None:
         conn.sendall(head + b"Transfer-Encoding: chunked\r\n\r\n" + chunks + b"0\r\n\r\n")
 
     with serving(behave) as srv:
-        policy = wio.FetchPolicy(max_bytes=10_000_000, allow_private=True, timeout_s=DEADLINE_S)
-        assert wio.fetch_url(f"http://127.0.0.1:{srv.port}/x.png", policy) == body
+        policy = wfetch.FetchPolicy(max_bytes=10_000_000, allow_private=True, timeout_s=DEADLINE_S)
+        assert wfetch.fetch_url(f"http://127.0.0.1:{srv.port}/x.png", policy) == body

@@ -9,7 +9,7 @@ ffmpeg-python; the processes are started here, so every child
   worker SIGKILLed mid-job leaves no ffmpeg behind). The kernel ties it to the *thread* that
   started the child, which is the job's thread, alive for as long as the job;
 - is killed and reaped when the job ends in any way (`Children.kill_all`: cancellation, the job
-  deadline, an error);
+  deadline, an error) — both in `worker.children`;
 - reads only what it is given: ``-protocol_whitelist file`` (no network, no ``concat:``) and
   ``-format_whitelist`` of real video containers (no HLS/concat playlists that would open
   other files or URLs, no ``tty`` text, no single images).
@@ -31,23 +31,20 @@ black pixel (4:2:0 video needs even sizes).
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import io
 import json
-import os
 import shutil
-import signal
 import subprocess
 import tempfile
-import threading
 import time
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from fractions import Fraction
 from typing import IO, Any, cast
 
 import numpy as np
 
+from worker.children import Child, Children
 from worker.encoders import (
     EncoderChoice,
     Tools,
@@ -60,7 +57,6 @@ from worker.encoders import (
 )
 from worker.errors import JobError, WorkerFault
 
-PR_SET_PDEATHSIG = 1
 #: Demuxers a job's video may be read with (ffmpeg's short names).
 DEMUXERS = (
     "mov",
@@ -84,111 +80,7 @@ DEMUXERS = (
 INPUT_GUARDS = {"protocol_whitelist": "file", "format_whitelist": ",".join(DEMUXERS)}
 #: Audio codecs an MP4 carries as they are; anything else is re-encoded to AAC.
 MP4_AUDIO = frozenset({"aac", "mp3", "ac3", "eac3", "opus", "alac", "flac"})
-STDERR_KEEP = 16384
 PROBE_TIMEOUT_S = 30.0
-
-# -- child processes --------------------------------------------------------------------------
-
-_libc: Any = None
-try:
-    _libc = ctypes.CDLL(None, use_errno=True)
-except OSError:  # not Linux/glibc: children then only die by `Children.kill_all`
-    _libc = None
-
-
-def _die_with_parent(parent: int) -> Any:
-    """A ``preexec_fn``: SIGKILL this child when the thread that started it dies."""
-
-    def preexec() -> None:
-        if _libc is not None:
-            _libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
-        if os.getppid() != parent:  # the parent died between fork and prctl
-            os._exit(1)
-
-    return preexec
-
-
-class _StderrTail:
-    """Drains a child's stderr on a thread (a full pipe would stall it) keeping the last bytes."""
-
-    def __init__(self, stream: IO[bytes]) -> None:
-        self._buf = bytearray()
-        self._stream = stream
-        self._thread = threading.Thread(target=self._drain, name="ffmpeg-stderr", daemon=True)
-        self._thread.start()
-
-    def _drain(self) -> None:
-        with contextlib.suppress(OSError, ValueError):
-            for chunk in iter(lambda: os.read(self._stream.fileno(), 8192), b""):
-                self._buf += chunk
-                if len(self._buf) > 2 * STDERR_KEEP:
-                    del self._buf[:-STDERR_KEEP]
-
-    def text(self, timeout: float = 5.0) -> str:
-        self._thread.join(timeout)
-        return bytes(self._buf[-STDERR_KEEP:]).decode("utf-8", errors="replace")
-
-
-@dataclass
-class Child:
-    proc: subprocess.Popen[bytes]
-    what: str
-    stderr: _StderrTail
-
-    def wait(self, timeout: float | None = None) -> int:
-        return self.proc.wait(timeout)
-
-
-@dataclass
-class Children:
-    """The ffmpeg processes of one job; `kill_all` leaves none behind."""
-
-    items: list[Child] = field(default_factory=list)
-    _lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def spawn(
-        self,
-        args: Sequence[str],
-        what: str,
-        *,
-        stdin: int | None = None,
-        stdout: int | None = None,
-        pass_fds: Sequence[int] = (),
-    ) -> Child:
-        with self._lock:
-            proc = subprocess.Popen(
-                list(args),
-                stdin=stdin if stdin is not None else subprocess.DEVNULL,
-                stdout=stdout if stdout is not None else subprocess.DEVNULL,
-                stderr=subprocess.PIPE,
-                pass_fds=tuple(pass_fds),
-                preexec_fn=_die_with_parent(os.getpid()),  # async-signal-safe enough: one prctl
-                close_fds=True,
-            )
-            assert proc.stderr is not None
-            child = Child(proc, what, _StderrTail(proc.stderr))
-            self.items.append(child)
-            return child
-
-    def pids(self) -> list[int]:
-        return [c.proc.pid for c in self.items if c.proc.poll() is None]
-
-    def kill_all(self) -> None:
-        """SIGKILL and reap every child still running; close the pipes this side holds."""
-        with self._lock:
-            for child in self.items:
-                if child.proc.poll() is None:
-                    with contextlib.suppress(ProcessLookupError):
-                        child.proc.kill()
-            for child in self.items:
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    child.proc.wait(10)
-                child.stderr.text(timeout=5)  # the drain ends with the process
-                for pipe in (child.proc.stdin, child.proc.stdout, child.proc.stderr):
-                    if pipe is not None:
-                        with contextlib.suppress(OSError):
-                            pipe.close()
-
 
 # -- probing ----------------------------------------------------------------------------------
 
@@ -600,16 +492,6 @@ def inspect_output(tools: Tools, path: str, *, pass_fds: Sequence[int] = ()) -> 
     )
 
 
-@contextlib.contextmanager
-def job_children() -> Iterator[Children]:
-    """Children of one job, every one killed and reaped when the block ends, however it ends."""
-    children = Children()
-    try:
-        yield children
-    finally:
-        children.kill_all()
-
-
 def progress_eta(
     done: int, total: int, started: float, now: float | None = None
 ) -> tuple[float, float | None]:
@@ -622,7 +504,6 @@ def progress_eta(
 
 
 __all__ = [
-    "Children",
     "Decoder",
     "Encoder",
     "EncoderChoice",
@@ -641,100 +522,3 @@ __all__ = [
     "temp_file",
     "trial_encode",
 ]
-
-
-# -- fetching a video -------------------------------------------------------------------------
-
-
-def fetch_to_file(  # noqa: C901 - one redirect loop with its error answers, as io.fetch_url; TODO split with it
-    url: str,
-    policy: Any,
-    dest: IO[bytes],
-    *,
-    max_bytes: int,
-    before_body: Any = None,
-    check: Any = None,
-) -> int:
-    """GET ``url`` into ``dest`` by the input URL rules of `worker.io` (addresses checked at
-    every hop, redirects by hand), streaming: never more than one chunk in memory.
-
-    ``max_bytes`` (``WORKER_MAX_VIDEO_MB``) is checked on ``Content-Length`` and while reading
-    (VIDEO_TOO_LARGE); ``before_body(length or None)`` runs once the headers are in (the disk
-    check); ``check()`` runs between chunks (cancellation, deadline). Returns the bytes written.
-    """
-    from urllib.parse import urljoin
-
-    from worker import io as wio
-
-    deadline = time.monotonic() + policy.timeout_s
-    current = url
-    for _hop in range(policy.max_redirects + 1):
-        scheme, host, port, path = wio._check_url(current)
-        addrs = wio._checked_addresses(host, port, policy, current, deadline)
-        conn = wio.open_connection(scheme, host, port, addrs[0], policy.timeout_s)
-        resp = None
-        try:
-            try:
-                conn.request(
-                    "GET", path, headers={"User-Agent": wio.USER_AGENT, "Accept-Encoding": "identity"}
-                )
-                resp = conn.getresponse()
-            except (OSError, ValueError) as err:
-                raise JobError(
-                    "FETCH_FAILED", f"fetching {wio._shown(current)} failed: {type(err).__name__}: {err}"
-                ) from None
-            except Exception as err:  # http.client.HTTPException, ssl errors
-                raise JobError(
-                    "FETCH_FAILED", f"fetching {wio._shown(current)} failed: {type(err).__name__}: {err}"
-                ) from None
-            if resp.status in (301, 302, 303, 307, 308):
-                location = resp.getheader("Location")
-                if not location:
-                    raise JobError("FETCH_FAILED", f"{wio._shown(current)} redirected without a Location")
-                current = urljoin(current, location.strip())
-                continue
-            if resp.status != 200:
-                raise JobError(
-                    "FETCH_FAILED", f"{wio._shown(current)} answered HTTP {resp.status} {resp.reason}"
-                )
-            raw = (resp.getheader("Content-Length") or "").strip()
-            length = int(raw) if raw.isdigit() else None
-            if length is not None and length > max_bytes:
-                raise JobError(
-                    "VIDEO_TOO_LARGE",
-                    f"the video is {length} bytes; the limit is {max_bytes} bytes (WORKER_MAX_VIDEO_MB)",
-                )
-            if before_body is not None:
-                before_body(length)
-            total = 0
-            while True:
-                if check is not None:
-                    check()
-                if time.monotonic() > deadline:
-                    raise JobError(
-                        "FETCH_FAILED", f"fetching {wio._shown(url)} took longer than {policy.timeout_s:g} s"
-                    )
-                try:
-                    chunk = resp.read1(1 << 20)
-                except Exception as err:
-                    raise JobError(
-                        "FETCH_FAILED", f"reading {wio._shown(current)} failed: {type(err).__name__}: {err}"
-                    ) from None
-                if not chunk:
-                    break
-                total += len(chunk)
-                if total > max_bytes:
-                    raise JobError(
-                        "VIDEO_TOO_LARGE",
-                        f"the video is larger than the limit of {max_bytes} bytes (WORKER_MAX_VIDEO_MB)",
-                    )
-                dest.write(chunk)
-            dest.flush()
-            if total == 0:
-                raise JobError("NOT_A_VIDEO", f"{wio._shown(current)} sent an empty body")
-            return total
-        finally:
-            if resp is not None:
-                resp.close()
-            conn.close()
-    raise JobError("FETCH_FAILED", f"{wio._shown(url)} redirected more than {policy.max_redirects} times")

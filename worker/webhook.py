@@ -3,7 +3,7 @@ job ends, successful or not. RunPod's platform ``webhook`` (beside ``input``) is
 
 - Checked when the input is parsed (`parse`): http(s) only and, unless
   ``WORKER_ALLOW_PRIVATE_URLS=1``, every address of the host public — the rules of the job's
-  input URLs (`worker.io`); a bad one is ``URL_NOT_ALLOWED`` / ``INVALID_INPUT`` before any work.
+  input URLs (`worker.fetch`); a bad one is ``URL_NOT_ALLOWED`` / ``INVALID_INPUT`` before any work.
 - Body: ``{"id", "status": "COMPLETED"|"FAILED", "output"|"error", "ts"}``; ``FAILED`` with
   ``error`` for a RunPod error (the worker's fault), ``COMPLETED`` with ``output`` otherwise —
   also for a ``success: false`` answer, as RunPod itself reports those.
@@ -35,7 +35,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from worker import io as wio
+from worker import fetch as wfetch
 from worker.errors import JobError
 
 MAX_DELIVERY_S = 60.0
@@ -57,7 +57,7 @@ class WebhookConfig:
     attempt_timeout_s: float = ATTEMPT_TIMEOUT_S
     backoff_first_s: float = BACKOFF_FIRST_S
     backoff_max_s: float = BACKOFF_MAX_S
-    resolve: wio.Resolver = wio._default_resolve
+    resolve: wfetch.Resolver = wfetch._default_resolve
     sleep: Callable[[float], None] = time.sleep
     clock: Callable[[], float] = time.time
 
@@ -72,8 +72,8 @@ class WebhookConfig:
     def signed(self) -> bool:
         return bool(self.secret)
 
-    def policy(self) -> wio.FetchPolicy:
-        return wio.FetchPolicy(
+    def policy(self) -> wfetch.FetchPolicy:
+        return wfetch.FetchPolicy(
             max_bytes=0,
             allow_private=self.allow_private,
             timeout_s=self.attempt_timeout_s,
@@ -95,7 +95,7 @@ class Target:
     @property
     def shown(self) -> str:
         """The URL for logs and messages: no user:password, no query."""
-        return wio._shown(self.url)
+        return wfetch._shown(self.url)
 
 
 def parse(job_input: Any, config: WebhookConfig) -> Target | None:
@@ -108,10 +108,10 @@ def parse(job_input: Any, config: WebhookConfig) -> Target | None:
     if not isinstance(value, str) or not value.strip():
         raise JobError("INVALID_INPUT", "webhook must be a non-empty URL string")
     url = value.strip()
-    _scheme, host, port, _path = wio._check_url(url)
+    _scheme, host, port, _path = wfetch._check_url(url)
     policy = config.policy()
     try:
-        wio._checked_addresses(host, port, policy, url, time.monotonic() + policy.timeout_s)
+        wfetch._checked_addresses(host, port, policy, url, time.monotonic() + policy.timeout_s)
     except JobError as err:
         if err.code == "URL_NOT_ALLOWED":
             raise
@@ -155,10 +155,10 @@ class Delivery:
 
 def _post_once(target: Target, body: bytes, headers: dict[str, str], config: WebhookConfig) -> int:
     """One POST to the checked address; its HTTP status (raises OSError-likes on connection trouble)."""
-    scheme, host, port, path = wio._check_url(target.url)
+    scheme, host, port, path = wfetch._check_url(target.url)
     policy = config.policy()
-    addrs = wio._checked_addresses(host, port, policy, target.url, time.monotonic() + policy.timeout_s)
-    conn = wio.open_connection(scheme, host, port, addrs[0], config.attempt_timeout_s)
+    addrs = wfetch._checked_addresses(host, port, policy, target.url, time.monotonic() + policy.timeout_s)
+    conn = wfetch.open_connection(scheme, host, port, addrs[0], config.attempt_timeout_s)
     try:
         conn.request("POST", path, body=body, headers=headers)
         resp = conn.getresponse()

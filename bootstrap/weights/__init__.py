@@ -3,7 +3,9 @@
 Modules, in the order a file meets them:
 
 - `bootstrap.weights.mirror`   — ``BOOTSTRAP_MIRROR`` and the https rule (no sockets imported)
-- `bootstrap.weights.sources`  — ``hf://``, ``https://``, ``s3://``, ``file://``
+- `bootstrap.weights.protocol` — what a source is to the fetcher, and how it fails
+- `bootstrap.weights.sources`  — ``hf://`` and ``https://``, and `make_source` for every scheme
+- `bootstrap.weights.s3source`, `bootstrap.weights.filesource` — ``s3://``, ``file://``
 - `bootstrap.weights.transfer` — parallel byte ranges, ``pwrite``, the resume journal, sha256
 - `bootstrap.weights.verify`   — sniff and format checks (ONNX, safetensors, zip) by hand
 - `bootstrap.weights.records`  — ``.verified`` records, the warm check, quarantine

@@ -39,6 +39,7 @@ from bootstrap.volume import Volume, fsync_dir, require_free
 from bootstrap.weights.hfcache import use_cached_file
 from bootstrap.weights.mirror import mirror_url
 from bootstrap.weights.progress import Progress
+from bootstrap.weights.protocol import Probe, Source, SourceFailed, Transient
 from bootstrap.weights.records import (
     FileOutcome,
     located,
@@ -47,7 +48,7 @@ from bootstrap.weights.records import (
     why_unverified,
     write_record,
 )
-from bootstrap.weights.sources import Probe, Source, SourceFailed, Transient, make_source
+from bootstrap.weights.sources import make_source
 from bootstrap.weights.transfer import (
     UNKNOWN_SPACE_EVERY,
     Aborted,

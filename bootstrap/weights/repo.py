@@ -46,13 +46,12 @@ from bootstrap.weights.fetch import (
 )
 from bootstrap.weights.hfcache import cache_root, verify_snapshot
 from bootstrap.weights.mirror import mirror_url
+from bootstrap.weights.protocol import SourceFailed, Transient
 from bootstrap.weights.records import FileOutcome, quarantine, read_record, why_unverified, write_record
 from bootstrap.weights.sources import (
     HF_DEFAULT_ENDPOINT,
     HTTPConnection,
     HTTPSource,
-    SourceFailed,
-    Transient,
     make_source,
 )
 from bootstrap.weights.transfer import Aborted, owner_alive

@@ -1,13 +1,10 @@
 """Where a weight file's bytes come from: ``hf://``, ``https://``, ``s3://``, ``file://`` (SPEC §6).
 
-Each source becomes a `Source`: `Source.probe` learns the size (and, from the Hub, the sha256)
-without downloading; `Source.connect` gives one `Connection` per download thread, whose `get`
-asks for a byte range. Only the standard library (``http.client``) is used for HTTP; ``boto3`` is
-imported only when an ``s3://`` source is actually used.
-
-Errors are split in two: `Transient` (retry the same request later: a dropped connection, a
-timeout, 429 or 5xx — with the server's Retry-After when it gave one) and `SourceFailed` (this
-source will not give the file: 404, 403, a wrong size; try the next source).
+Each source becomes a `Source` (`bootstrap.weights.protocol`): `Source.probe` learns the size
+(and, from the Hub, the sha256) without downloading; `Source.connect` gives one `Connection` per
+download thread, whose `get` asks for a byte range. This module holds the http(s) and Hub
+sources (only the standard library's ``http.client``) and `make_source`, which picks one;
+``s3://`` and ``file://`` are `bootstrap.weights.s3source` and `bootstrap.weights.filesource`.
 """
 
 from __future__ import annotations
@@ -15,7 +12,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import http.client
-import os
 import re
 import socket
 import ssl
@@ -24,7 +20,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 from urllib.parse import unquote, urljoin, urlsplit
 
 from bootstrap.errors import ConfigError
@@ -38,66 +34,24 @@ from bootstrap.urls import (
     scheme_of,
     shown,
 )
+from bootstrap.weights.filesource import FileSource
 from bootstrap.weights.mirror import check_http
+from bootstrap.weights.protocol import (
+    Connection,
+    Probe,
+    Response,
+    Source,
+    SourceFailed,
+    Transient,
+    clean_etag,
+)
+from bootstrap.weights.s3source import S3Source
 
 HF_DEFAULT_ENDPOINT = "https://huggingface.co"
 USER_AGENT = "volume-worker-bootstrap/1"
 MAX_REDIRECTS = 5
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
-
-
-class Transient(Exception):
-    """Worth retrying the same request; ``retry_after`` is the server's wish in seconds."""
-
-    def __init__(self, message: str, retry_after: float | None = None) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
-
-
-class SourceFailed(Exception):
-    """This source will not give a good file; the next one is tried."""
-
-
-@dataclass
-class Probe:
-    """What a source says about the file before any byte of it is fetched."""
-
-    size: int | None
-    #: a sha256 the source itself vouches for (the Hub's LFS ETag), else None
-    sha256: str | None = None
-    #: an opaque version tag (HTTP ETag, S3 ETag), to match a journal against
-    etag: str | None = None
-    #: the git blob id the Hub gives a non-LFS file (its ETag when no X-Linked-Etag came)
-    blob: str | None = None
-
-
-class Response(Protocol):
-    """A body being received: ``readinto`` returns 0 at its end."""
-
-    #: True when the body is the whole file (a server that ignored the Range header)
-    whole: bool
-
-    def readinto(self, buf: memoryview) -> int: ...
-
-    def close(self) -> None: ...
-
-
-class Connection(Protocol):
-    def get(self, start: int, end: int | None) -> Response:
-        """Bytes ``start..end`` inclusive (``end`` None: to the end of the file)."""
-        ...
-
-    def close(self) -> None: ...
-
-
-class Source(Protocol):
-    #: where the bytes come from, for logs and records (never holds a credential)
-    label: str
-
-    def probe(self) -> Probe: ...
-
-    def connect(self) -> Connection: ...
 
 
 def _retry_after(value: str | None) -> float | None:
@@ -397,7 +351,7 @@ class HTTPSource:
                 return self._probe_by_get(conn, url)
             if resp.status != 200:
                 raise _status_error(resp.status, resp.reason, resp.headers, "HEAD")
-            etag = _clean_etag(linked_etag or resp.getheader("ETag"))
+            etag = clean_etag(linked_etag or resp.getheader("ETag"))
             size_text = linked_size or resp.getheader("Content-Length")
             size = int(size_text) if size_text and size_text.isdigit() else None
             host_length = resp.getheader("Content-Length", "")
@@ -435,181 +389,10 @@ class HTTPSource:
         m = _CONTENT_RANGE.fullmatch(body.resp.getheader("Content-Range", "").strip())
         size = int(m.group(3)) if m and m.group(3).isdigit() else body.resp.length if body.whole else None
         self.size = size
-        return Probe(size=size, etag=_clean_etag(body.resp.getheader("ETag")))
+        return Probe(size=size, etag=clean_etag(body.resp.getheader("ETag")))
 
     def connect(self) -> Connection:
         return HTTPConnection(self)
-
-
-def _clean_etag(value: str | None) -> str | None:
-    if not value:
-        return None
-    value = value.strip()
-    if value.startswith("W/"):
-        value = value[2:]
-    return value.strip('"') or None
-
-
-# -- S3 ----------------------------------------------------------------------------------------
-
-
-class _S3Body:
-    whole = False
-
-    def __init__(self, body: Any) -> None:
-        self.body = body
-
-    def readinto(self, buf: memoryview) -> int:
-        try:
-            data = self.body.read(len(buf))
-        except Exception as err:  # botocore raises its own types for a broken stream
-            raise Transient(f"S3 stream broke: {type(err).__name__}: {err}") from None
-        buf[: len(data)] = data
-        return len(data)
-
-    def close(self) -> None:
-        with contextlib.suppress(Exception):
-            self.body.close()
-
-
-class S3Connection:
-    def __init__(self, source: S3Source) -> None:
-        self.source = source
-
-    def get(self, start: int, end: int | None) -> Response:
-        rng = f"bytes={start}-{'' if end is None else end}"
-        try:
-            resp = self.source.client().get_object(Bucket=self.source.bucket, Key=self.source.key, Range=rng)
-        except Exception as err:
-            raise self.source.translate(err) from None
-        return _S3Body(resp["Body"])
-
-    def close(self) -> None:
-        pass
-
-
-class S3Source:
-    """``s3://bucket/key``; endpoint and keys from the usual AWS_* variables (boto3's chain)."""
-
-    def __init__(self, bucket: str, key: str, environ: Mapping[str, str], *, timeout_s: float = 30.0) -> None:
-        self.bucket, self.key = bucket, key
-        self.environ = environ
-        self.timeout_s = timeout_s
-        self.label = f"s3://{bucket}/{key}"
-        self._client: Any = None
-        self._lock = threading.Lock()
-
-    def client(self) -> Any:
-        with self._lock:
-            if self._client is None:
-                try:
-                    import boto3  # lazily: only an s3:// source needs it
-                    from botocore.config import Config
-                except ImportError as err:
-                    raise SourceFailed(f"boto3 is not installed ({err})") from None
-                env = self.environ
-                session = boto3.session.Session(
-                    aws_access_key_id=env.get("AWS_ACCESS_KEY_ID") or None,
-                    aws_secret_access_key=env.get("AWS_SECRET_ACCESS_KEY") or None,
-                    aws_session_token=env.get("AWS_SESSION_TOKEN") or None,
-                    region_name=env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or "us-east-1",
-                    profile_name=env.get("AWS_PROFILE") or None,
-                )
-                self._client = session.client(
-                    "s3",
-                    endpoint_url=env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL") or None,
-                    config=Config(
-                        connect_timeout=self.timeout_s,
-                        read_timeout=self.timeout_s,
-                        retries={"max_attempts": 2, "mode": "standard"},
-                        max_pool_connections=32,
-                    ),
-                )
-            return self._client
-
-    def translate(self, err: Exception) -> Exception:
-        if isinstance(err, SourceFailed | Transient):
-            return err
-        response = getattr(err, "response", None)
-        if isinstance(response, dict):
-            code = str(response.get("Error", {}).get("Code", ""))
-            status = int(response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
-            if status == 429 or status >= 500 or code in {"SlowDown", "Throttling", "RequestTimeout"}:
-                return Transient(f"{code or status}")
-            return SourceFailed(f"{code or status} (check the bucket, key and AWS_* credentials)")
-        name = type(err).__name__
-        if name in {"NoCredentialsError", "PartialCredentialsError"}:
-            return SourceFailed("no AWS credentials (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)")
-        return Transient(f"{name}: {err}")
-
-    def probe(self) -> Probe:
-        try:
-            head = self.client().head_object(Bucket=self.bucket, Key=self.key)
-        except Exception as err:
-            raise self.translate(err) from None
-        return Probe(size=int(head["ContentLength"]), etag=_clean_etag(head.get("ETag")))
-
-    def connect(self) -> Connection:
-        return S3Connection(self)
-
-
-# -- file:// -----------------------------------------------------------------------------------
-
-
-class _FileBody:
-    whole = False
-
-    def __init__(self, fd: int, start: int, end: int) -> None:
-        self.fd, self.pos, self.end = fd, start, end
-
-    def readinto(self, buf: memoryview) -> int:
-        n = min(len(buf), self.end + 1 - self.pos)
-        if n <= 0:
-            return 0
-        n = os.preadv(self.fd, [buf[:n]], self.pos)
-        self.pos += n
-        return n
-
-    def close(self) -> None:
-        pass
-
-
-class FileConnection:
-    def __init__(self, source: FileSource) -> None:
-        self.source = source
-        self.fd: int | None = None
-
-    def get(self, start: int, end: int | None) -> Response:
-        if self.fd is None:
-            try:
-                self.fd = os.open(self.source.path, os.O_RDONLY)
-            except OSError as err:
-                raise SourceFailed(f"{err.strerror or err}") from None
-        size = os.fstat(self.fd).st_size
-        return _FileBody(self.fd, start, size - 1 if end is None else end)
-
-    def close(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
-
-
-class FileSource:
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.label = f"file://{path}"
-
-    def probe(self) -> Probe:
-        try:
-            st = self.path.stat()
-        except OSError as err:
-            raise SourceFailed(f"{err.strerror or err}") from None
-        if not self.path.is_file():
-            raise SourceFailed("not a file")
-        return Probe(size=st.st_size, etag=f"{st.st_mtime_ns}-{st.st_size}")
-
-    def connect(self) -> Connection:
-        return FileConnection(self)
 
 
 # -- parsing -----------------------------------------------------------------------------------

@@ -37,7 +37,8 @@ from typing import Any
 
 from bootstrap.atomic import write_atomic
 from bootstrap.lease import stale_after_s, writer_is_dead
-from bootstrap.weights.sources import AddressPolicy, Connection, Probe, Source, SourceFailed, Transient
+from bootstrap.weights.protocol import Connection, Probe, Source, SourceFailed, Transient
+from bootstrap.weights.sources import AddressPolicy
 
 CHUNK = 1024 * 1024
 #: a body of unknown size checks free space each time it grows by this much

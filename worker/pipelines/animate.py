@@ -59,7 +59,9 @@ from typing import Any
 import numpy as np
 
 from bootstrap.errors import GpuError
+from worker import fetch as wfetch
 from worker import io as wio
+from worker import output as wout
 from worker import pose, torchdev
 from worker.errors import JobError
 from worker.pipelines.base import LoadContext, Stages
@@ -109,7 +111,7 @@ class Request:
     width: int
     fps: float
     segment_frame_length: int
-    output: wio.Output
+    output: wout.Output
 
 
 def _ref(job: dict[str, Any], url_key: str, b64_key: str | None, *, required: bool) -> Ref | None:
@@ -199,7 +201,7 @@ def parse_input(job: Any, allowed_buckets: Collection[str] = frozenset()) -> Req
     else:
         seed = _int(job, "seed", 0, 0, 2**63 - 1)
     # video outputs default to S3 (SPEC §10); the rules of output and s3 are the picture task's
-    output = wio.parse_output({"output": "s3", **job}, allowed_buckets)
+    output = wout.parse_output({"output": "s3", **job}, allowed_buckets)
     return Request(
         mode=mode,
         image=image,
@@ -403,17 +405,17 @@ class Animate:
         self.max_video_s = settings.worker_max_video_s
         self.max_result_bytes = settings.worker_max_result_bytes
         self.max_frames = settings.worker_animate_max_frames
-        self.image_policy = wio.FetchPolicy(
+        self.image_policy = wfetch.FetchPolicy(
             max_bytes=settings.worker_max_input_bytes,
             allow_private=settings.worker_allow_private_urls,
-            timeout_s=float(ctx.extra.get("fetch_timeout_s", wio.FETCH_TIMEOUT_S)),
+            timeout_s=float(ctx.extra.get("fetch_timeout_s", wfetch.FETCH_TIMEOUT_S)),
         )
-        self.video_policy = wio.FetchPolicy(
+        self.video_policy = wfetch.FetchPolicy(
             max_bytes=self.max_video_bytes,
             allow_private=settings.worker_allow_private_urls,
             timeout_s=float(ctx.extra.get("video_fetch_timeout_s", 300.0)),
         )
-        self.uploader = wio.Uploader.from_settings(settings)
+        self.uploader = wout.Uploader.from_settings(settings)
 
         model_dir = _model_dir(ctx, PIPELINE_DEST)
         if not (model_dir / "model_index.json").is_file():
@@ -603,10 +605,10 @@ class Animate:
 
     # -- a job -------------------------------------------------------------------------------
 
-    def _bytes(self, ref: Ref, policy: wio.FetchPolicy, max_bytes: int) -> bytes:
+    def _bytes(self, ref: Ref, policy: wfetch.FetchPolicy, max_bytes: int) -> bytes:
         if ref.kind == "url":
-            return wio.fetch_url(ref.value, policy)
-        return wio.decode_base64(ref.value, max_bytes, ref.field)
+            return wfetch.fetch_url(ref.value, policy)
+        return wfetch.decode_base64(ref.value, max_bytes, ref.field)
 
     def _fetch_video(self, ref: Ref, tmp: Path, name: str) -> Path:
         try:

@@ -44,7 +44,9 @@ import numpy as np
 
 from bootstrap.errors import GpuError
 from worker import device
+from worker import fetch as wfetch
 from worker import io as wio
+from worker import output as wout
 from worker.errors import JobError
 from worker.pipelines.base import LoadContext, Stages
 
@@ -83,7 +85,7 @@ class Request:
     source_index: int
     target_index: int
     output_format: str
-    output: wio.Output
+    output: wout.Output
     max_side: int | None
 
 
@@ -121,7 +123,7 @@ def _int(job: dict[str, Any], key: str, default: int | None, minimum: int) -> in
 def parse_input(job: Any, allowed_buckets: Collection[str] = frozenset()) -> Request:
     """Validate a job's input; every problem is INVALID_INPUT naming the field.
 
-    ``allowed_buckets``: the buckets ``s3.bucket`` may name (`worker.io.Uploader.allowed_buckets`).
+    ``allowed_buckets``: the buckets ``s3.bucket`` may name (`worker.output.Uploader.allowed_buckets`).
     """
     if not isinstance(job, dict):
         raise JobError("INVALID_INPUT", "the job's input must be a JSON object")
@@ -133,7 +135,7 @@ def parse_input(job: Any, allowed_buckets: Collection[str] = frozenset()) -> Req
     fmt = job.get("output_format", "png")
     if not isinstance(fmt, str) or fmt.strip().lower() not in wio.OUTPUT_FORMATS:
         raise JobError("INVALID_INPUT", "output_format must be one of png, jpeg, webp")
-    output = wio.parse_output(job, allowed_buckets)
+    output = wout.parse_output(job, allowed_buckets)
     assert source_index is not None and target_index is not None
     return Request(
         source=source,
@@ -222,12 +224,12 @@ class FaceSwap:
     def __init__(self, ctx: LoadContext) -> None:
         settings = ctx.settings
         self.settings = settings
-        self.policy = wio.FetchPolicy(
+        self.policy = wfetch.FetchPolicy(
             max_bytes=settings.worker_max_input_bytes,
             allow_private=settings.worker_allow_private_urls,
-            timeout_s=float(ctx.extra.get("fetch_timeout_s", wio.FETCH_TIMEOUT_S)),
+            timeout_s=float(ctx.extra.get("fetch_timeout_s", wfetch.FETCH_TIMEOUT_S)),
         )
-        self.uploader = wio.Uploader.from_settings(settings)
+        self.uploader = wout.Uploader.from_settings(settings)
         buffalo, swapper_path = _check_files(ctx)
         available = list(onnxruntime.get_available_providers())
         self.requested = device.requested_providers(available)
@@ -393,8 +395,8 @@ class FaceSwap:
 
     def _bytes(self, ref: ImageRef) -> bytes:
         if ref.kind == "url":
-            return wio.fetch_url(ref.value, self.policy)
-        return wio.decode_base64(ref.value, self.settings.worker_max_input_bytes, f"{ref.what}_image")
+            return wfetch.fetch_url(ref.value, self.policy)
+        return wfetch.decode_base64(ref.value, self.settings.worker_max_input_bytes, f"{ref.what}_image")
 
     def run(self, job_input: dict[str, Any]) -> dict[str, Any]:
         """Swap the source face onto the target's face(s); see the module docstring."""
@@ -436,8 +438,8 @@ class FaceSwap:
                 out.update(
                     self.uploader.upload(
                         data,
-                        ext=wio.EXTENSIONS[fmt],
-                        content_type=wio.CONTENT_TYPES[fmt],
+                        ext=wout.EXTENSIONS[fmt],
+                        content_type=wout.CONTENT_TYPES[fmt],
                         target=req.output,
                         prefix=NAME,
                     )

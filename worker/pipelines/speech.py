@@ -43,7 +43,8 @@ import numpy as np
 
 from bootstrap.errors import GpuError
 from worker import audio as waudio
-from worker import io as wio
+from worker import fetch as wfetch
+from worker import output as wout
 from worker import torchdev
 from worker.errors import JobError, WorkerFault
 from worker.pipelines.base import LoadContext, Stages
@@ -224,7 +225,7 @@ class TtsRequest:
     speed: float
     seed: int | None
     output_format: str
-    output: wio.Output
+    output: wout.Output
     words: bool
     steps: int
 
@@ -274,11 +275,11 @@ def _integer(job: dict[str, Any], key: str, lo: int, hi: int) -> int | None:
     return value
 
 
-def _output(job: dict[str, Any], allowed_buckets: Collection[str]) -> tuple[str, wio.Output]:
+def _output(job: dict[str, Any], allowed_buckets: Collection[str]) -> tuple[str, wout.Output]:
     fmt = job.get("output_format", "wav")
     if not isinstance(fmt, str) or fmt.strip().lower() not in OUTPUT_FORMATS:
         raise JobError("INVALID_INPUT", f"output_format must be one of {', '.join(OUTPUT_FORMATS)}")
-    return fmt.strip().lower(), wio.parse_output(job, allowed_buckets)
+    return fmt.strip().lower(), wout.parse_output(job, allowed_buckets)
 
 
 def parse_tts(job: Any, max_chars: int, allowed_buckets: Collection[str] = frozenset()) -> TtsRequest:
@@ -409,12 +410,12 @@ class Speech:
     def __init__(self, ctx: LoadContext) -> None:
         settings = ctx.settings
         self.settings = settings
-        self.policy = wio.FetchPolicy(
+        self.policy = wfetch.FetchPolicy(
             max_bytes=settings.worker_max_input_bytes,
             allow_private=settings.worker_allow_private_urls,
-            timeout_s=float(ctx.extra.get("fetch_timeout_s", wio.FETCH_TIMEOUT_S)),
+            timeout_s=float(ctx.extra.get("fetch_timeout_s", wfetch.FETCH_TIMEOUT_S)),
         )
-        self.uploader = wio.Uploader.from_settings(settings)
+        self.uploader = wout.Uploader.from_settings(settings)
         self.dev = torchdev.probe()
         if settings.require_gpu and not self.dev.cuda:
             raise GpuError(
@@ -588,8 +589,8 @@ class Speech:
 
     def _bytes(self, ref: AudioRef) -> bytes:
         if ref.kind == "url":
-            return wio.fetch_url(ref.value, self.policy)
-        return wio.decode_base64(ref.value, self.settings.worker_max_input_bytes, ref.field)
+            return wfetch.fetch_url(ref.value, self.policy)
+        return wfetch.decode_base64(ref.value, self.settings.worker_max_input_bytes, ref.field)
 
     def _voice(self, data: bytes, ref_text: str, t: Stages) -> tuple[Voice, bool]:
         key = hashlib.sha256(data).hexdigest() + "\0" + ref_text
@@ -646,8 +647,8 @@ class Speech:
                 out.update(
                     self.uploader.upload(
                         encoded,
-                        ext=wio.EXTENSIONS[fmt],
-                        content_type=wio.CONTENT_TYPES[fmt],
+                        ext=wout.EXTENSIONS[fmt],
+                        content_type=wout.CONTENT_TYPES[fmt],
                         target=req.output,
                         prefix="speech",
                     )

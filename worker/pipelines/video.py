@@ -49,8 +49,11 @@ from typing import Any
 import numpy as np
 
 from bootstrap.settings import CONTAINER_DISK_MIN_FREE
+from worker import children as wchildren
+from worker import fetch as wfetch
 from worker import io as wio
 from worker import jobctx, media
+from worker import output as wout
 from worker.errors import JobError
 from worker.pipelines import faceswap
 from worker.pipelines.base import LoadContext, Stages
@@ -76,7 +79,7 @@ class VideoRequest:
     max_side: int | None
     crf: int
     codec: str
-    output: wio.Output
+    output: wout.Output
     deadline_s: int
 
 
@@ -105,7 +108,7 @@ def parse_input(job: Any, allowed_buckets: Collection[str] = frozenset()) -> Vid
     if not isinstance(codec, str) or codec.strip().lower() not in CODECS:
         raise JobError("INVALID_INPUT", "codec must be 'h264' or 'hevc'")
     # video defaults to S3 (SPEC §10); the rules of output and s3 are the picture task's
-    output = wio.parse_output({"output": "s3", **job}, allowed_buckets)
+    output = wout.parse_output({"output": "s3", **job}, allowed_buckets)
     source_index = _int(job, "source_index", 1, 1, 1000)
     target_index = _int(job, "target_index", 0, 0, 1000)
     crf = _int(job, "crf", DEFAULT_CRF, 0, 51)
@@ -166,13 +169,13 @@ class FaceSwapVideo:
     def __init__(self, ctx: LoadContext, swapper: faceswap.FaceSwap | None = None) -> None:
         self.settings = ctx.settings
         self.faces = swapper or ctx.extra.get("pipelines", {}).get("faceswap") or faceswap.load(ctx)
-        self.uploader = wio.Uploader.from_settings(self.settings)
+        self.uploader = wout.Uploader.from_settings(self.settings)
         self.tools = media.Tools.find()
         self.versions = self.tools.versions()
         self.choice = media.decide_encoders(self.tools)
         self.tmp_dir: str | None = ctx.extra.get("tmp_dir")
         self.disk_reserve = int(ctx.extra.get("disk_reserve", CONTAINER_DISK_MIN_FREE))
-        self.policy = wio.FetchPolicy(
+        self.policy = wfetch.FetchPolicy(
             max_bytes=self.settings.worker_max_video_bytes,
             allow_private=self.settings.worker_allow_private_urls,
             timeout_s=float(ctx.extra.get("video_fetch_timeout_s", VIDEO_FETCH_TIMEOUT_S)),
@@ -229,7 +232,7 @@ class FaceSwapVideo:
                 def fits(length: int | None) -> None:
                     media.check_disk(self.tmp_dir, length or 0, self.disk_reserve)
 
-                media.fetch_to_file(
+                wfetch.fetch_to_file(
                     req.video_url,
                     self.policy,
                     video_file,
@@ -247,7 +250,7 @@ class FaceSwapVideo:
                 size = media.frame_size(info, req.max_side)
                 media.check_disk(self.tmp_dir, media.estimate_output_bytes(info, size), self.disk_reserve)
             encoder = self.choice.encoders[req.codec]
-            with media.job_children() as children:
+            with wchildren.job_children() as children:
                 swapped, frames = self._transcode(
                     req, info, size, src, media.fd_path(out_file), fds, encoder, children, source_face, job, t
                 )
@@ -307,7 +310,7 @@ class FaceSwapVideo:
         dst: str,
         fds: tuple[int, ...],
         encoder_name: str,
-        children: media.Children,
+        children: wchildren.Children,
         source_face: Any,
         job: jobctx.JobContext,
         t: Stages,
