@@ -300,6 +300,29 @@ def test_s3_without_credentials_is_a_worker_fault_before_any_work(pipe: animate.
         pipe.run(job(clip, output="s3"))
 
 
+def test_job_progress_goes_through_the_job_context_and_the_last_step_always_does() -> None:
+    """Run by the worker (no callback), a job reports through its `jobctx.JobContext`: the
+    context throttles (here: one report a minute), but the last denoising step is never held back."""
+    from worker import jobctx
+
+    class Timeline:
+        def __init__(self) -> None:
+            self.details: list[dict[str, Any]] = []
+
+        def event(self, phase: str, event: str, detail: dict[str, Any]) -> None:
+            self.details.append(detail)
+
+    timeline = Timeline()
+    report = animate.job_progress(jobctx.JobContext(job={"id": "j1"}, timeline=timeline, every_s=60))
+    for done in range(1, 5):
+        segment, step = (done - 1) // 2 + 1, (done - 1) % 2 + 1
+        report({"stage": "generate", "segment": segment, "segments": 2, "step": step, "percent": 25.0 * done})
+    assert [(d["id"], d["segment"], d["step"], d["percent"]) for d in timeline.details] == [
+        ("j1", 1, 1, 25.0),
+        ("j1", 2, 2, 100.0),
+    ]
+
+
 def test_segments_match_the_pipeline_arithmetic() -> None:
     assert animate.segments_for(77, 77) == 1
     assert animate.segments_for(78, 77) == 2

@@ -61,8 +61,8 @@ import numpy as np
 from bootstrap.errors import GpuError
 from worker import fetch as wfetch
 from worker import io as wio
+from worker import jobctx, pose, torchdev
 from worker import output as wout
-from worker import pose, torchdev
 from worker.errors import JobError
 from worker.pipelines.base import LoadContext, Stages
 
@@ -220,6 +220,16 @@ def parse_input(job: Any, allowed_buckets: Collection[str] = frozenset()) -> Req
         segment_frame_length=segment,
         output=output,
     )
+
+
+def job_progress(job: jobctx.JobContext) -> Progress:
+    """The running job's reporter (``job`` ``progress`` events, the SDK's ``progress_update``):
+    throttled by the job context, except the last denoising step, which always goes out."""
+
+    def report(detail: dict[str, Any]) -> None:
+        job.progress(detail, final=detail.get("stage") == "generate" and detail.get("percent") == 100.0)
+
+    return report
 
 
 def segments_for(frames: int, segment: int, prev: int = 1) -> int:
@@ -642,6 +652,8 @@ class Animate:
         req = parse_input(job_input, self.uploader.allowed_buckets)
         if req.output.kind == "s3":
             self.uploader.check(req.output)  # missing credentials fail before any download or model run
+        if progress is None:  # through the worker: the job's own context reports it
+            progress = job_progress(jobctx.current())
         t = Stages()
         tmp = Path(tempfile.mkdtemp(prefix="animate-job-"))
         try:
