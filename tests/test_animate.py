@@ -23,7 +23,7 @@ from tests import fixture_wan
 from tests.fixture_models import ImageServer, b64, encode, picture
 from worker import torchdev
 from worker.errors import JobError
-from worker.pipelines import animate
+from worker.pipelines import animate, animate_input
 from worker.pipelines.base import LoadContext
 
 REPO = Path(__file__).resolve().parents[1]
@@ -324,12 +324,12 @@ def test_job_progress_goes_through_the_job_context_and_the_last_step_always_does
 
 
 def test_segments_match_the_pipeline_arithmetic() -> None:
-    assert animate.segments_for(77, 77) == 1
-    assert animate.segments_for(78, 77) == 2
-    assert animate.segments_for(153, 77) == 2
-    assert animate.segments_for(154, 77) == 3
-    assert animate.segments_for(11, 9) == 2
-    assert animate.segments_for(2, 5) == 1
+    assert animate_input.segments_for(77, 77) == 1
+    assert animate_input.segments_for(78, 77) == 2
+    assert animate_input.segments_for(153, 77) == 2
+    assert animate_input.segments_for(154, 77) == 3
+    assert animate_input.segments_for(11, 9) == 2
+    assert animate_input.segments_for(2, 5) == 1
 
 
 # -- GPU memory policy ---------------------------------------------------------------------------

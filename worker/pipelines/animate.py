@@ -35,9 +35,8 @@ A job (`Animate.run`):
 CUDA out-of-memory and CUDA errors (and a host allocation failure) are `WorkerFault(refresh=True)`:
 RunPod replaces the worker.
 
-The ffmpeg helpers `_probe`, `_decode_frames`, `_encode_video` and `_upload_video` are local
-stand-ins for the shared video I/O module (decode/encode pipes, encoder choice, multipart S3):
-swap them for it at merge.
+The job's fields are parsed in `worker.pipelines.animate_input`; its ffmpeg I/O is
+`worker.pipelines.animate_video` (local stand-ins for `worker.media`).
 """
 
 from __future__ import annotations
@@ -46,13 +45,10 @@ import base64
 import gc
 import json
 import math
-import os
 import shutil
 import struct
-import subprocess
 import tempfile
-from collections.abc import Callable, Collection
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +60,16 @@ from worker import io as wio
 from worker import jobctx, pose, torchdev
 from worker import output as wout
 from worker.errors import JobError
+from worker.pipelines import animate_video
+from worker.pipelines.animate_input import (
+    DEFAULT_FPS,
+    MAX_SIDE,
+    MODES,
+    Ref,
+    Request,
+    parse_input,
+    segments_for,
+)
 from worker.pipelines.base import LoadContext, Stages
 
 NAME = "animate"
@@ -74,152 +80,7 @@ DETECTOR_PATH = "process_checkpoint/det/yolov10m.onnx"
 POSE_PATH = "process_checkpoint/pose2d/vitpose_h_wholebody.onnx/end2end.onnx"
 #: the components WanAnimatePipeline loads (model_index.json of the diffusers repo)
 COMPONENTS = ("transformer", "text_encoder", "image_encoder", "vae")
-MODES = ("animate", "replace")
-DEFAULT_FPS = 16
-DEFAULT_SEGMENT = 77
-MAX_SIDE = 1920
-MAX_PROMPT_CHARS = 5000
-CRF = 20
-ENCODER = "libx264"
 Progress = Callable[[dict[str, Any]], None]
-
-
-# -- input -------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Ref:
-    kind: str  # "url" | "base64"
-    value: str
-    field: str
-
-
-@dataclass(frozen=True)
-class Request:
-    mode: str
-    image: Ref
-    video: Ref
-    pose_video: Ref | None
-    face_video: Ref | None
-    mask_video: Ref | None
-    prompt: str
-    negative_prompt: str
-    steps: int
-    guidance_scale: float
-    seed: int
-    height: int
-    width: int
-    fps: float
-    segment_frame_length: int
-    output: wout.Output
-
-
-def _ref(job: dict[str, Any], url_key: str, b64_key: str | None, *, required: bool) -> Ref | None:
-    keys = [url_key] + ([b64_key] if b64_key else [])
-    given = [k for k in keys if job.get(k) is not None]
-    if len(given) > 1:
-        raise JobError("INVALID_INPUT", f"give one of {' and '.join(keys)}, not both")
-    if not given:
-        if required:
-            raise JobError("INVALID_INPUT", f"{' or '.join(keys)} is required")
-        return None
-    key = given[0]
-    value = job[key]
-    if not isinstance(value, str) or not value.strip():
-        raise JobError("INVALID_INPUT", f"{key} must be a non-empty string")
-    return Ref("url" if key.endswith("_url") else "base64", value.strip(), key)
-
-
-def _int(job: dict[str, Any], key: str, default: int, lo: int, hi: int) -> int:
-    value = job.get(key, default)
-    if value is None:
-        return default
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise JobError("INVALID_INPUT", f"{key} must be an integer")
-    if not lo <= value <= hi:
-        raise JobError("INVALID_INPUT", f"{key} must be between {lo} and {hi}, not {value}")
-    return value
-
-
-def _float(job: dict[str, Any], key: str, default: float, lo: float, hi: float) -> float:
-    value = job.get(key, default)
-    if value is None:
-        return default
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-        raise JobError("INVALID_INPUT", f"{key} must be a number")
-    if not lo <= float(value) <= hi:
-        raise JobError("INVALID_INPUT", f"{key} must be between {lo:g} and {hi:g}, not {value}")
-    return float(value)
-
-
-def _text(job: dict[str, Any], key: str) -> str:
-    value = job.get(key, "")
-    if value is None:
-        return ""
-    if not isinstance(value, str):
-        raise JobError("INVALID_INPUT", f"{key} must be a string")
-    if len(value) > MAX_PROMPT_CHARS:
-        raise JobError("INVALID_INPUT", f"{key} is {len(value)} characters; the limit is {MAX_PROMPT_CHARS}")
-    return value
-
-
-def parse_input(job: Any, allowed_buckets: Collection[str] = frozenset()) -> Request:
-    """Validate a job's input; every problem is INVALID_INPUT naming the field."""
-    if not isinstance(job, dict):
-        raise JobError("INVALID_INPUT", "the job's input must be a JSON object")
-    mode = job.get("mode", "animate")
-    if not isinstance(mode, str) or mode.strip().lower() not in MODES:
-        raise JobError("INVALID_INPUT", f"mode must be 'animate' or 'replace', not {mode!r}")
-    mode = mode.strip().lower()
-    image = _ref(job, "image_url", "image", required=True)
-    video = _ref(job, "video_url", "video", required=True)
-    assert image is not None and video is not None
-    pose_video = _ref(job, "pose_video_url", None, required=False)
-    face_video = _ref(job, "face_video_url", None, required=False)
-    mask_video = _ref(job, "mask_video_url", None, required=False)
-    if mask_video is not None and mode != "replace":
-        raise JobError("INVALID_INPUT", "mask_video_url is only used with mode 'replace'")
-    height = _int(job, "height", 480, 16, MAX_SIDE)
-    width = _int(job, "width", 832, 16, MAX_SIDE)
-    for key, value in (("height", height), ("width", width)):
-        if value % 16:
-            raise JobError(
-                "INVALID_INPUT",
-                f"{key} must be a multiple of 16, not {value} (try {max(16, round(value / 16) * 16)})",
-            )
-    segment = _int(job, "segment_frame_length", DEFAULT_SEGMENT, 5, 321)
-    if (segment - 1) % 4:
-        raise JobError(
-            "INVALID_INPUT",
-            f"segment_frame_length must be 4k+1 (5, 9, …, 77, 81), not {segment}: the VAE packs 4 frames per latent",
-        )
-    seed = job.get("seed")
-    if seed is None:
-        seed = int.from_bytes(os.urandom(4), "little") & 0x7FFFFFFF
-    else:
-        seed = _int(job, "seed", 0, 0, 2**63 - 1)
-    # video outputs default to S3 (SPEC §10); the rules of output and s3 are the picture task's
-    output = wout.parse_output({"output": "s3", **job}, allowed_buckets)
-    return Request(
-        mode=mode,
-        image=image,
-        video=video,
-        pose_video=pose_video,
-        face_video=face_video,
-        mask_video=mask_video,
-        prompt=_text(job, "prompt"),
-        negative_prompt=_text(job, "negative_prompt"),
-        steps=_int(job, "steps", 20, 1, 100),
-        guidance_scale=_float(job, "guidance_scale", 1.0, 0.0, 20.0),
-        seed=seed,
-        height=height,
-        width=width,
-        fps=_float(job, "fps", DEFAULT_FPS, 1.0, 60.0),
-        segment_frame_length=segment,
-        output=output,
-    )
 
 
 def job_progress(job: jobctx.JobContext) -> Progress:
@@ -230,117 +91,6 @@ def job_progress(job: jobctx.JobContext) -> Progress:
         job.progress(detail, final=detail.get("stage") == "generate" and detail.get("percent") == 100.0)
 
     return report
-
-
-def segments_for(frames: int, segment: int, prev: int = 1) -> int:
-    """How many segments the pipeline runs for ``frames`` (its own arithmetic)."""
-    effective = segment - prev
-    rest = (frames - prev) % effective
-    target = frames + (0 if rest == 0 else effective - rest)
-    return target // effective
-
-
-# -- video I/O (local stand-ins for the shared video module) -----------------------------------
-
-
-@dataclass(frozen=True)
-class VideoInfo:
-    duration: float
-    fps: float
-    width: int
-    height: int
-    audio: bool
-
-
-def _probe(path: Path, what: str) -> VideoInfo:
-    """ffprobe's view of ``path``; anything without a decodable video stream is NOT_A_VIDEO."""
-    proc = subprocess.run(
-        ["ffprobe", "-v", "error", "-show_streams", "-show_format", "-of", "json", str(path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    try:
-        info = json.loads(proc.stdout or "{}")
-    except ValueError:
-        info = {}
-    streams = info.get("streams") or []
-    video = next((s for s in streams if s.get("codec_type") == "video"), None)
-    if proc.returncode != 0 or video is None:
-        why = (proc.stderr or "").strip().splitlines()[-1:] or ["no video stream"]
-        raise JobError("NOT_A_VIDEO", f"{what} is not a video ffmpeg can read: {why[0][:200]}")
-    try:
-        duration = float(video.get("duration") or info.get("format", {}).get("duration") or 0)
-        num, _, den = str(video.get("avg_frame_rate") or video.get("r_frame_rate") or "0/1").partition("/")
-        rate = float(num) / float(den or 1) if float(den or 1) else 0.0
-        width, height = int(video.get("width") or 0), int(video.get("height") or 0)
-    except (TypeError, ValueError):
-        raise JobError("NOT_A_VIDEO", f"{what} has an unreadable video stream") from None
-    if duration <= 0 or width <= 0 or height <= 0:
-        raise JobError("NOT_A_VIDEO", f"{what} has no frames (duration {duration:g} s, {width}×{height})")
-    return VideoInfo(duration, rate, width, height, any(s.get("codec_type") == "audio" for s in streams))
-
-
-def _decode_frames(
-    path: Path, fps: float, width: int, height: int, *, what: str, gray: bool = False
-) -> np.ndarray:
-    """Frames sampled at ``fps``, scaled to cover ``width``×``height`` and centre-cropped,
-    through one ffmpeg pipe: (N, H, W, 3) RGB or (N, H, W) grey uint8."""
-    vf = (
-        f"fps={fps:g},scale={width}:{height}:force_original_aspect_ratio=increase:flags=bicubic,"
-        f"crop={width}:{height},setsar=1"
-    )
-    pix, channels = ("gray", 1) if gray else ("rgb24", 3)
-    proc = subprocess.run(
-        [
-            "ffmpeg",
-            "-v",
-            "error",
-            "-nostdin",
-            "-i",
-            str(path),
-            "-an",
-            "-vf",
-            vf,
-            "-pix_fmt",
-            pix,
-            "-f",
-            "rawvideo",
-            "-",
-        ],
-        capture_output=True,
-        timeout=1800,
-        check=False,
-    )
-    frame = width * height * channels
-    if proc.returncode != 0 or len(proc.stdout) < frame:
-        err = proc.stderr.decode("utf-8", "replace").strip().splitlines()[-1:] or ["no frames"]
-        raise JobError("NOT_A_VIDEO", f"{what} could not be decoded: {err[0][:200]}")
-    n = len(proc.stdout) // frame
-    arr = np.frombuffer(proc.stdout, dtype=np.uint8, count=n * frame)
-    return arr.reshape((n, height, width) if gray else (n, height, width, 3))
-
-
-def _encode_video(
-    frames: np.ndarray, fps: float, out: Path, *, audio_from: Path | None, crf: int = CRF
-) -> None:
-    """H.264 mp4 at ``fps`` from (N, H, W, 3) RGB frames through a pipe; the audio of
-    ``audio_from`` (when it has one) over the same duration."""
-    n, h, w = frames.shape[:3]
-    cmd = ["ffmpeg", "-v", "error", "-nostdin", "-y", "-f", "rawvideo", "-pix_fmt", "rgb24"]
-    cmd += ["-s", f"{w}x{h}", "-r", f"{fps:g}", "-i", "-"]
-    if audio_from is not None:
-        cmd += ["-i", str(audio_from), "-map", "0:v:0", "-map", "1:a:0?", "-c:a", "aac", "-b:a", "128k"]
-    cmd += ["-c:v", ENCODER, "-preset", "veryfast", "-crf", str(crf), "-pix_fmt", "yuv420p"]
-    cmd += ["-t", f"{n / fps:.6f}", "-movflags", "+faststart", str(out)]
-    proc = subprocess.run(
-        cmd, input=np.ascontiguousarray(frames).tobytes(), capture_output=True, timeout=1800, check=False
-    )
-    if proc.returncode != 0:
-        raise RuntimeError(
-            f"ffmpeg could not encode the output: {proc.stderr.decode('utf-8', 'replace')[-500:]}"
-        )
 
 
 # -- memory ------------------------------------------------------------------------------------
@@ -603,7 +353,7 @@ class Animate:
                 steps=1, guidance_scale=1.0, seed=0, height=size, width=size, segment_frame_length=5,
             )  # fmt: skip
         with tempfile.TemporaryDirectory(prefix="animate-warm-") as tmp:
-            _encode_video(video, DEFAULT_FPS, Path(tmp) / "warm.mp4", audio_from=None)
+            animate_video.encode_video(video, DEFAULT_FPS, Path(tmp) / "warm.mp4", audio_from=None)
         self._free()
 
     def _free(self) -> None:
@@ -638,8 +388,8 @@ class Animate:
     ) -> np.ndarray:
         """A given pose/face/mask video sampled like the driving video, cut to its ``n`` frames."""
         path = self._fetch_video(ref, tmp, ref.field + ".mp4")
-        _probe(path, ref.field)
-        frames = _decode_frames(path, req.fps, size[0], size[1], what=ref.field, gray=gray)
+        animate_video.probe(path, ref.field)
+        frames = animate_video.decode_frames(path, req.fps, size[0], size[1], what=ref.field, gray=gray)
         if frames.shape[0] < n:
             raise JobError(
                 "INVALID_INPUT",
@@ -667,7 +417,7 @@ class Animate:
                 )
                 del image_bytes
                 video_path = self._fetch_video(req.video, tmp, "driving")
-                info = _probe(video_path, "the driving video")
+                info = animate_video.probe(video_path, "the driving video")
             if info.duration > self.max_video_s:
                 raise JobError(
                     "VIDEO_TOO_LONG",
@@ -681,7 +431,9 @@ class Animate:
                     f"{self.max_frames} frames per job (WORKER_ANIMATE_MAX_FRAMES): trim it, lower fps, or split the job",
                 )
             with t.stage("preprocess"):
-                frames = _decode_frames(video_path, req.fps, req.width, req.height, what="the driving video")
+                frames = animate_video.decode_frames(
+                    video_path, req.fps, req.width, req.height, what="the driving video"
+                )
                 n = int(frames.shape[0])
                 if n > self.max_frames:
                     raise JobError(
@@ -747,7 +499,9 @@ class Animate:
                 raise RuntimeError(f"the pipeline returned {video.shape[0]} frames for {n} driving frames")
             with t.stage("encode"):
                 out_path = tmp / "out.mp4"
-                _encode_video(video, req.fps, out_path, audio_from=video_path if info.audio else None)
+                animate_video.encode_video(
+                    video, req.fps, out_path, audio_from=video_path if info.audio else None
+                )
             out: dict[str, Any] = {"success": True}
             if req.output.kind == "s3":
                 with t.stage("upload"), open(out_path, "rb") as fh:
@@ -778,7 +532,7 @@ class Animate:
                     "segments": segments_for(n, req.segment_frame_length),
                     "audio": info.audio,
                     "seed": req.seed,
-                    "encoder": ENCODER,
+                    "encoder": animate_video.ENCODER,
                     "ms": t.ms,
                 }
             )
