@@ -320,3 +320,12 @@ def test_a_torchcodec_whose_library_does_not_load_fails_the_smoke_test(tmp_path:
     rc, out = _smoke(tmp_path, PYTHONPATH=str(tmp_path / "shadow"))
     assert rc == 1
     assert out["capabilities"]["speech"].startswith("audio: decode wav (torchcodec): OSError"), out
+
+
+def test_the_default_steps_are_f5_tts_own() -> None:
+    """The job parser knows no torch, so it names F5-TTS's default step count itself."""
+    from f5_tts.infer import utils_infer
+
+    from worker.pipelines import speech_input
+
+    assert utils_infer.nfe_step == speech_input.DEFAULT_STEPS
