@@ -492,3 +492,31 @@ def test_a_job_out_of_memory_asks_for_refresh_and_the_worker_keeps_answering(
     assert set(oom) == {"error", "refresh_worker"}
     assert health["capabilities"]["animate"]["status"] == "ok"
     assert again["success"] is True and again["frames"] == 4
+
+
+def test_a_cancelled_job_stops_at_the_next_step_and_leaves_no_temp_dir(
+    pipe: animate.Animate, clip: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Run by the worker, a job whose context is cancelled mid-generation raises
+    `jobctx.JobCancelled` from the next denoising step (as the video job stops between frames)."""
+    import asyncio
+    import tempfile
+
+    from worker import jobctx
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the job's scratch dir lands here
+    ctx = jobctx.JobContext(job={"id": "cancel-me"})
+    steps_seen: list[int] = []
+    real_progress = ctx.progress
+
+    def progress(detail: dict[str, Any], *, final: bool = False) -> bool:
+        if detail.get("stage") == "generate":
+            steps_seen.append(int(detail["step"]))
+            ctx.cancel("RunPod cancelled the job")  # after the first denoising step
+        return real_progress(detail, final=final)
+
+    ctx.progress = progress  # type: ignore[method-assign]
+    with pytest.raises(jobctx.JobCancelled, match="RunPod cancelled"):
+        asyncio.run(jobctx.run_in_thread(pipe.run, job(clip, steps=3), ctx))
+    assert steps_seen == [1]
+    assert not list(tmp_path.glob("animate-job-*"))

@@ -85,9 +85,14 @@ Progress = Callable[[dict[str, Any]], None]
 
 def job_progress(job: jobctx.JobContext) -> Progress:
     """The running job's reporter (``job`` ``progress`` events, the SDK's ``progress_update``):
-    throttled by the job context, except the last denoising step, which always goes out."""
+    throttled by the job context, except the last denoising step, which always goes out.
+
+    Every report is also where the job stops: cancelled (RunPod cancelled it, the SDK cancelled
+    its task) → `jobctx.JobCancelled`, past its deadline → `WorkerFault`, raised from the
+    pipeline's step callback, so a cancelled job costs at most one more denoising step."""
 
     def report(detail: dict[str, Any]) -> None:
+        job.check()
         job.progress(detail, final=detail.get("stage") == "generate" and detail.get("percent") == 100.0)
 
     return report
