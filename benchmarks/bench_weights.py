@@ -33,7 +33,10 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+# ``--before REV`` runs the fetch children on an export of REV's ``bootstrap`` (BENCH_CODE).
 sys.path.insert(0, str(REPO))
+if os.environ.get("BENCH_CODE"):
+    sys.path.insert(0, os.environ["BENCH_CODE"])
 
 from tests.httpserver import FAKE_COMMIT, FaultServer  # noqa: E402
 
@@ -70,7 +73,56 @@ def fetch_main(url: str, volume: str, fmt: str) -> int:
     vol = Volume(Path(volume), "bench")
     vol.make_layout()
     timeline = Timeline(settings.worker_id, stream=io.StringIO())
+    t0 = time.monotonic()
     ensure_weights(settings, vol, timeline, Plan(settings.worker_id, volume, str(REPO)), {})
+    # The weights phase alone (lease, probe, disk check, transfer, sha256, fsync, publish,
+    # record), without the interpreter's start and imports: what the parent reports beside
+    # the process's wall time.
+    print(f"phase_s={time.monotonic() - t0:.6f}")
+    return 0
+
+
+def floor_main(url: str, out: str) -> int:
+    """Child mode: the least a verifying fetcher does: one stream into the file (``pwrite``),
+    sha256 on a second thread straight from the received buffers (no read back, no journal, no
+    fsync, no retries). What it reaches is the floor of this machine for a verified fetch."""
+    import http.client
+    import queue
+    import threading
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname or "", parts.port, timeout=30)
+    t0 = time.monotonic()
+    conn.request("GET", parts.path)
+    resp = conn.getresponse()
+    full: queue.Queue[tuple[bytearray, int] | None] = queue.Queue()
+    free: queue.Queue[bytearray] = queue.Queue()
+    for _ in range(8):
+        free.put(bytearray(1024 * 1024))
+    h = hashlib.sha256()
+
+    def hasher() -> None:
+        while (item := full.get()) is not None:
+            h.update(memoryview(item[0])[: item[1]])
+            free.put(item[0])
+
+    thread = threading.Thread(target=hasher)
+    thread.start()
+    fd = os.open(out, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+    pos = 0
+    while True:
+        buf = free.get()
+        n = resp.readinto(memoryview(buf))
+        if not n:
+            break
+        os.pwrite(fd, memoryview(buf)[:n], pos)
+        pos += n
+        full.put((buf, n))
+    full.put(None)
+    thread.join()
+    os.close(fd)
+    print(f"phase_s={time.monotonic() - t0:.6f}")
     return 0
 
 
@@ -85,16 +137,21 @@ def hf_main(endpoint: str, local_dir: str) -> int:
 # -- measuring -----------------------------------------------------------------------------------
 
 
+LAST_PHASE_S: list[float] = []  # the weights phase's own seconds, as the last fetch child printed
+
+
 def timed(argv: list[str], env: dict[str, str] | None = None) -> tuple[float, int]:
     """(seconds, peak RSS in bytes) of one child process."""
     t0 = time.monotonic()
-    proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     _, status, usage = os.wait4(proc.pid, 0)
     seconds = time.monotonic() - t0
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
         err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
         raise RuntimeError(f"{argv[0]} exited {proc.returncode}: {err[-2000:]}")
+    out = proc.stdout.read().decode() if proc.stdout else ""
+    LAST_PHASE_S[:] = [float(line[8:]) for line in out.splitlines() if line.startswith("phase_s=")]
     return seconds, usage.ru_maxrss * 1024
 
 
@@ -169,10 +226,11 @@ class Bench:
         d.mkdir(parents=True)
         return d
 
-    def ours(self, rel: str, fmt: str = "raw") -> tuple[float, int]:
+    def ours(self, rel: str, fmt: str = "raw", code: Path | None = None) -> tuple[float, int]:
         vol = self.fresh("ours")
+        env = child_env(BENCH_CODE=str(code)) if code else child_env()
         try:
-            return timed([PY, __file__, "--child-fetch", f"{self.srv.url}/{rel}", str(vol), fmt], child_env())
+            return timed([PY, __file__, "--child-fetch", f"{self.srv.url}/{rel}", str(vol), fmt], env)
         finally:
             shutil.rmtree(vol, ignore_errors=True)
 
@@ -229,6 +287,18 @@ class Bench:
         return seconds
 
 
+def export(rev: str, work: Path) -> tuple[str, Path]:
+    """REV's ``bootstrap`` package in ``work/code-REV`` (for ``--before``)."""
+    dest = work / f"code-{rev}"
+    shutil.rmtree(dest, ignore_errors=True)
+    dest.mkdir(parents=True)
+    archive = subprocess.run(
+        ["git", "-C", str(REPO), "archive", rev, "bootstrap"], check=True, capture_output=True
+    )
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive.stdout, check=True)
+    return rev, dest
+
+
 def mbps(size: int, seconds: float | None) -> str:
     return "skipped" if seconds is None else f"{seconds:7.2f} s {size / seconds / 1e6:8.1f} MB/s"
 
@@ -246,13 +316,20 @@ def main() -> int:
     parser.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()) / "bench-weights")
     parser.add_argument("--only", default="1,2,3,4", help="comma list of the scenarios to run (1-4)")
     parser.add_argument("--volume-on", choices=("disk", "tmpfs"), default="disk")
+    parser.add_argument("--repeat", type=int, default=5, help="runs of scenario 1 (medians)")
+    parser.add_argument(
+        "--before", metavar="REV", help="also run scenario 1 with REV's bootstrap (git archive): before/after"
+    )
     parser.add_argument("--child-fetch", nargs=3, metavar=("URL", "VOLUME", "FORMAT"), help=argparse.SUPPRESS)
+    parser.add_argument("--child-floor", nargs=2, metavar=("URL", "OUT"), help=argparse.SUPPRESS)
     parser.add_argument("--child-hf", nargs=2, metavar=("ENDPOINT", "DIR"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child_fetch:
         return fetch_main(*args.child_fetch)
     if args.child_hf:
         return hf_main(*args.child_hf)
+    if args.child_floor:
+        return floor_main(*args.child_floor)
 
     work: Path = args.dir
     work.mkdir(parents=True, exist_ok=True)
@@ -283,10 +360,11 @@ def main() -> int:
         )
 
         only = set(args.only.split(","))
+        before = export(args.before, work) if args.before else None
         if "1" in only:
-            uncapped(b, size)
+            uncapped(b, size, args.repeat, before)
         if "2" in only:
-            capped_run(b, capped, args.cap_mbps)
+            capped_run(b, capped, args.cap_mbps, before, max(1, args.repeat // 2 + 1))
         if "3" in only:
             rss_run(b, root, args.rss_gb)
         if "4" in only:
@@ -295,31 +373,110 @@ def main() -> int:
     return 0
 
 
-def uncapped(b: Bench, size: int) -> None:
-    print("\n## 1. uncapped")
-    t_curl = b.curl("big.bin")
+def hashlib_rate(path: Path, size: int) -> float:
+    """One core's ``hashlib.sha256`` rate (bytes/s) over the file's first 256 MiB, in memory, in
+    a child process (so this process stays small: a child's peak RSS counts its parent's)."""
+    code = (
+        "import hashlib, sys, time\n"
+        f"data = memoryview(open({str(path)!r}, 'rb').read({min(size, 256 * 1024 * 1024)}))\n"
+        "h = hashlib.sha256(); t0 = time.perf_counter()\n"
+        "for i in range(0, len(data), 4 << 20): h.update(data[i : i + (4 << 20)])\n"
+        "print(len(data) / (time.perf_counter() - t0))\n"
+    )
+    return float(subprocess.run([PY, "-c", code], check=True, capture_output=True, text=True).stdout)
+
+
+def cpu_s() -> float:
+    """CPU seconds of this process (the server's threads) and its waited-for children so far."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def median(xs: list[float]) -> float:
+    return sorted(xs)[len(xs) // 2]
+
+
+def load() -> str:
+    return "load average " + " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def uncapped(b: Bench, size: int, repeat: int, before: tuple[str, Path] | None) -> None:
+    print(f"\n## 1. uncapped (median of {repeat}, interleaved; {load()})")
+    rows: dict[str, list[float]] = {"curl": [], "hash": [], "ours": [], "ours_phase": [], "rss": []}
+    rows |= {"curl_cores": [], "ours_cores": [], "floor": []}
+    if before:
+        rows |= {"before": [], "before_phase": []}
+    for _ in range(repeat):
+        c0 = cpu_s()
+        rows["curl"].append(b.curl("big.bin"))
+        rows["curl_cores"].append((cpu_s() - c0) / rows["curl"][-1])
+        rows["hash"].append(hashlib_rate(b.srv.state.root / "big.bin", size))
+        out = b.fresh("floor") / "file.bin"
+        timed([PY, __file__, "--child-floor", f"{b.srv.url}/big.bin", str(out)], child_env())
+        rows["floor"].append(LAST_PHASE_S[0])
+        shutil.rmtree(out.parent, ignore_errors=True)
+        c0 = cpu_s()
+        t, rss = b.ours("big.bin")
+        rows["ours_cores"].append((cpu_s() - c0) / t)
+        rows["ours"].append(t)
+        rows["ours_phase"].append(LAST_PHASE_S[0])
+        rows["rss"].append(rss)
+        if before:
+            rows["before"].append(b.ours("big.bin", code=before[1])[0])
+            rows["before_phase"].append(LAST_PHASE_S[0])
+    t_curl = median(rows["curl"])
+    hash_s = size / median(rows["hash"])
+    floor = max(t_curl, hash_s)  # the slower of one unverified stream and one core hashing
+    print(f"curl (1 stream)          {mbps(size, t_curl)}   [baseline]")
+    print(f"hashlib.sha256, 1 core   {mbps(size, hash_s)}   (in memory, this process)")
+    print(f"target: 0.9 × the slower of the two = {0.9 * size / floor / 1e6:.1f} MB/s")
+    t_floor = median(rows["floor"])
+    print(
+        f"floor: 1 stream + sha256   {mbps(size, t_floor)}  = {floor / t_floor:.2f}× the target's base"
+        " (pwrite, hash on a 2nd thread from the same buffers; nothing else)"
+    )
+    for key, label in (("ours", "this fetcher"), ("before", f"this fetcher @ {before[0] if before else ''}")):
+        if key not in rows:
+            continue
+        t, phase = median(rows[key]), median(rows[f"{key}_phase"])
+        print(
+            f"{label:<24} {mbps(size, phase)}  = {floor / phase:.2f}× the target's base (weights phase;"
+            f" sha256, fsync, record)\n{'':<24} {mbps(size, t)}  = {floor / t:.2f}× (the whole process,"
+            " interpreter start and imports included)"
+        )
+    print(f"this fetcher's peak RSS  {median(rows['rss']) / 1e6:.0f} MB; {load()}")
+    print(
+        f"cores busy (client + server CPU seconds / wall, of {os.cpu_count()}): curl"
+        f" {median(rows['curl_cores']):.2f}, this fetcher {median(rows['ours_cores']):.2f}"
+    )
     t_curl_sha = b.curl("big.bin", with_sha=True)
-    t_ours, rss = b.ours("big.bin")
     t_aria = b.aria("big.bin")
     t_hub = b.hub()
-    print(f"curl (1 stream)          {mbps(size, t_curl)}   [baseline]")
     print(f"curl + sha256sum         {mbps(size, t_curl_sha)}{ratio(t_curl, t_curl_sha)}")
-    print(
-        f"this fetcher (+sha256)   {mbps(size, t_ours)}{ratio(t_curl, t_ours)}  peak RSS {rss / 1e6:.0f} MB"
-    )
     print(f"aria2c -x 8              {mbps(size, t_aria)}{ratio(t_curl, t_aria)}")
     print(f"huggingface_hub          {mbps(size, t_hub)}{ratio(t_curl, t_hub)}")
 
 
-def capped_run(b: Bench, capped: int, cap_mbps: float) -> None:
+def capped_run(b: Bench, capped: int, cap_mbps: float, before: tuple[str, Path] | None, repeat: int) -> None:
     srv = b.srv
-    print(f"\n## 2. each connection capped at {cap_mbps:g} MB/s")
+    print(f"\n## 2. each connection capped at {cap_mbps:g} MB/s (fetchers: median of {repeat}; {load()})")
     srv.set_rate(int(cap_mbps * 1e6))
     c_curl = b.curl("capped.bin")
-    c_ours, _ = b.ours("capped.bin")
+    ours: list[float] = []
+    old: list[float] = []
+    for _ in range(repeat):
+        b.ours("capped.bin")
+        ours.append(LAST_PHASE_S[0])
+        if before:
+            b.ours("capped.bin", code=before[1])
+            old.append(LAST_PHASE_S[0])
     c_aria = b.aria("capped.bin")
     print(f"curl (1 stream)          {mbps(capped, c_curl)}   [baseline]")
-    print(f"this fetcher (+sha256)   {mbps(capped, c_ours)}{ratio(c_curl, c_ours)}")
+    print(
+        f"this fetcher (+sha256)   {mbps(capped, median(ours))}{ratio(c_curl, median(ours))}  (weights phase)"
+    )
+    if before:
+        print(f"this fetcher @ {before[0]:<9} {mbps(capped, median(old))}{ratio(c_curl, median(old))}")
     print(f"aria2c -x 8              {mbps(capped, c_aria)}{ratio(c_curl, c_aria)}")
     srv.set_rate(None)
 

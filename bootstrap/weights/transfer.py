@@ -18,11 +18,15 @@ Internal logic:
 4. Every ``sync_every_s`` the coordinator fsyncs ``data``, then appends the newly completed
    ranges to the journal and fsyncs it — data first, so the journal never claims unsynced bytes.
 5. A hasher thread feeds sha256 with the contiguous written prefix as it grows, so the hash is
-   ready when the last byte lands (reads come from the page cache).
+   ready when the last byte lands. The thread whose bytes extend that prefix lends the hasher
+   its buffer right after writing it (and takes a spare one from a small shared pool), so in
+   the common case each byte is hashed straight from the buffer it arrived in, on another core;
+   bytes that landed out of order are read back from the page cache when the prefix reaches them.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import hashlib
 import json
@@ -44,17 +48,23 @@ CHUNK = 1024 * 1024
 #: a body of unknown size checks free space each time it grows by this much
 UNKNOWN_SPACE_EVERY = 4 * CHUNK
 JOURNAL_VERSION = 1
+#: connections stop being added once the bytes arrive at this share of sha256's own speed
+HASH_BOUND = 0.75
 
 
 @dataclass(frozen=True)
 class FetchOptions:
     """Knobs of the fetcher; the defaults are what `bootstrap run` uses."""
 
-    #: most connections for one file; it starts with ``initial_connections`` and doubles them
-    #: every ``ramp_every_s`` while that raises the throughput
+    #: most connections for one file. One connection runs alone for ``probe_s``; if its bytes
+    #: already arrive at `HASH_BOUND` of sha256's measured speed (or the hasher made it wait),
+    #: more would only race ahead of the hash, so it stays alone. Otherwise it opens
+    #: ``initial_connections`` and doubles them every ``ramp_every_s`` while that raises the
+    #: throughput (a CDN caps each connection) and the hash keeps up.
     connections: int = 16
+    probe_s: float = 0.1
     initial_connections: int = 4
-    ramp_every_s: float = 0.3
+    ramp_every_s: float = 0.2
     piece_bytes: int = 8 * 1024 * 1024
     files_at_once: int = 3
     timeout_s: float = 30.0
@@ -233,7 +243,7 @@ class Transfer:
         work: queue.Queue[_Piece] = queue.Queue()
         for p in self.pieces:
             work.put(p)
-        hasher = _Hasher(fd, self)
+        hasher = self.hasher = _Hasher(fd, self)
         limit = max(1, min(self.options.connections, len(self.pieces)))
         threads: list[threading.Thread] = []
 
@@ -246,9 +256,10 @@ class Transfer:
                 t.start()
 
         hasher.thread.start()
-        add_threads(self.options.initial_connections)
+        add_threads(1)
         last_sync = last_ramp = time.monotonic()
-        ramp_bytes, ramp_rate, ramping = 0, 0.0, True
+        ramp_bytes, ramp_rate, ramping, waits = 0, 0.0, True, 0
+        window = self.options.probe_s
         try:
             while any(t.is_alive() for t in threads):
                 if self.abort.is_set():
@@ -258,16 +269,21 @@ class Transfer:
                 if now - last_sync >= self.options.sync_every_s:
                     self._sync(fd, jf)
                     last_sync = now
-                if ramping and now - last_ramp >= self.options.ramp_every_s:
+                if ramping and now - last_ramp >= window:
                     # Add connections while they add throughput (a per-connection rate cap, as
-                    # CDNs have); stop once they do not (a saturated link or CPU).
+                    # CDNs have); stop once they do not (a saturated link or CPU), or once the
+                    # thread at the hash's position had to wait for the hasher (the hash is the
+                    # slower side: more connections would only land bytes out of order, to be
+                    # read back).
                     rate = (self.received - ramp_bytes) / (now - last_ramp)
-                    ramp_bytes, last_ramp = self.received, now
-                    if len(threads) >= limit or work.empty() or rate < ramp_rate * 1.15:
+                    ramp_bytes, last_ramp, window = self.received, now, self.options.ramp_every_s
+                    hash_bound = hasher.waits > waits or rate >= HASH_BOUND * hasher.speed()
+                    waits = hasher.waits
+                    if len(threads) >= limit or work.empty() or rate < ramp_rate * 1.15 or hash_bound:
                         ramping = False
                     else:
                         ramp_rate = rate
-                        add_threads(len(threads))  # double
+                        add_threads(max(len(threads), self.options.initial_connections - len(threads)))
         finally:
             if self.error is not None:
                 self.stop.set()
@@ -282,13 +298,12 @@ class Transfer:
             raise Aborted("stopped: another required file failed")
         return hasher.finish()
 
-    def frontier(self) -> int:
-        """End of the contiguous written prefix (what the hasher may read)."""
+    def frontier_locked(self) -> int:
+        """End of the contiguous written prefix (what the hasher may read); hold ``lock``."""
         assert self.size is not None
-        with self.lock:
-            for p in self.pieces:
-                if p.done < p.end - p.start:
-                    return p.start + p.done
+        for p in self.pieces:
+            if p.done < p.end - p.start:
+                return p.start + p.done
         return self.size
 
     def _sync(self, fd: int, jf: Any) -> None:
@@ -318,33 +333,33 @@ class Transfer:
     # -- download threads -------------------------------------------------------------------
     def _worker(self, work: queue.Queue[_Piece]) -> None:
         conn = self.source.connect()
-        buf = bytearray(CHUNK)
+        buf = memoryview(bytearray(CHUNK))
         try:
             while not self.stop.is_set():
                 try:
                     piece = work.get_nowait()
                 except queue.Empty:
                     return
-                self._fetch_piece(conn, piece, memoryview(buf))
+                buf = self._fetch_piece(conn, piece, buf)
         except BaseException as err:
             self._fail(err)
         finally:
             with contextlib.suppress(Exception):
                 conn.close()
 
-    def _fetch_piece(self, conn: Connection, piece: _Piece, buf: memoryview) -> None:
+    def _fetch_piece(self, conn: Connection, piece: _Piece, buf: memoryview) -> memoryview:
         failures = 0
         while piece.done < piece.end - piece.start:
             if self.stop.is_set() or self.abort.is_set():
-                return
+                return buf
             try:
                 start = piece.start + piece.done
                 body = conn.get(start, piece.end - 1)
                 try:
                     if body.whole:
                         self._take_whole(body, buf)
-                        return
-                    self._read_into(body, piece, buf)
+                        return buf
+                    buf = self._read_into(body, piece, buf)
                 finally:
                     body.close()
             except Transient as err:
@@ -352,6 +367,7 @@ class Transfer:
                 self.stop.wait(self._retry_delay(err, failures))
                 with contextlib.suppress(Exception):
                     conn.close()
+        return buf
 
     def _retry_delay(self, err: Transient, failures: int) -> float:
         """Record a transient failure and return `FetchOptions.retry_delay`."""
@@ -359,22 +375,34 @@ class Transfer:
             self.errors.append(str(err))
         return self.options.retry_delay(err, failures, self.source.label)
 
-    def _read_into(self, body: Any, piece: _Piece, buf: memoryview) -> None:
+    def _read_into(self, body: Any, piece: _Piece, buf: memoryview) -> memoryview:
+        """Read the rest of ``piece`` from ``body``; returns the buffer to go on with (the one
+        given, or a spare from the hasher's pool when this one was lent to the hasher)."""
         fd = self.fd
+        hasher = self.hasher
         while piece.done < piece.end - piece.start:
             if self.stop.is_set() or self.abort.is_set():
-                return
+                return buf
             want = min(len(buf), piece.end - piece.start - piece.done)
             n = body.readinto(buf[:want])
             if n == 0:
                 raise Transient(
                     f"the body ended at byte {piece.start + piece.done} of a range ending at {piece.end}"
                 )
-            os.pwrite(fd, buf[:n], piece.start + piece.done)
+            at = piece.start + piece.done
+            os.pwrite(fd, buf[:n], at)
             with self.lock:
+                # Lent once written, and counted only after: until then the hasher cannot read
+                # these bytes back, so the thread at the hash's position waits for a spare
+                # buffer instead (the hasher is the slower side) and every byte is hashed
+                # from memory; threads further ahead never wait.
+                spare = hasher.lend_locked(at, buf, n)
                 piece.done += n
                 self.received += n
+            if spare is not None:
+                buf = spare
             self.on_bytes(n)
+        return buf
 
     def _take_whole(self, body: Any, buf: memoryview) -> None:
         """The server ignored Range: take the whole body from byte 0, marking pieces as it goes."""
@@ -475,40 +503,119 @@ class _Empty:
 
 
 class _Hasher:
-    """sha256 of the data file's contiguous prefix, fed as the prefix grows."""
+    """sha256 of the data file's contiguous written prefix, fed as the prefix grows.
+
+    ``tail``: every byte before it is hashed or queued, in order. A download thread that has
+    just written the bytes at ``tail`` lends their buffer (`lend_locked`): the hasher hashes
+    them from memory and puts the buffer in the spare pool. Bytes nobody lent (written out of
+    order, or no spare was free) are read back with ``preadv`` once the prefix covers them.
+    Memory stays flat: the pool and the queue hold ``SPARES`` buffers between them; the thread
+    at ``tail`` that finds the pool empty waits for one (the hasher is behind: there is no point
+    in running ahead of it); others keep their buffer, and those bytes are read back later.
+    """
+
+    SPARES = 4
+    WAIT_S = 1.0
 
     def __init__(self, fd: int, transfer: Transfer) -> None:
         self.fd = fd
         self.transfer = transfer
         self.h = hashlib.sha256()
-        self.pos = 0
+        self.pos = 0  # bytes hashed
+        self.tail = 0  # bytes hashed or queued (guarded by transfer.lock)
+        self.lent: collections.deque[tuple[int, memoryview, int]] = collections.deque()
+        self.spares = [memoryview(bytearray(CHUNK)) for _ in range(self.SPARES)]
+        self.wake = threading.Event()
         self.cancelled = threading.Event()
+        self.closed = False
         self.thread = threading.Thread(target=self._run, name="sha256", daemon=True)
         self.failed: BaseException | None = None
+        #: bytes hashed from lent buffers and read back from the file (for benchmarks)
+        self.from_memory = 0
+        self.read_back = 0
+        #: times the thread at ``tail`` found no spare (the hash was the slower side)
+        self.waits = 0
+        self.busy_s = 0.0  # seconds spent inside sha256 (its speed on this CPU, measured live)
+
+    def speed(self) -> float:
+        """Bytes a second sha256 has taken so far when busy (inf before it has measured)."""
+        return self.pos / self.busy_s if self.busy_s > 0.01 else float("inf")
+
+    def lend_locked(self, at: int, buf: memoryview, n: int) -> memoryview | None:
+        """Take ``buf[:n]`` (the bytes just written at ``at``, not yet counted in their piece)
+        if they extend the queue, waiting up to ``WAIT_S`` for a spare; returns the spare the
+        caller goes on with, or None (keep ``buf``; the bytes are read back later). Called with
+        ``transfer.lock`` held."""
+        if self.closed or at != self.tail or len(buf) != CHUNK:
+            return None
+        if not self.spares:
+            self.waits += 1
+            stop = self.transfer.stop
+            self.transfer.lock.wait_for(lambda: self.spares or self.closed or stop.is_set(), self.WAIT_S)
+            if not self.spares or self.closed:
+                return None
+        self.tail = at + n
+        self.lent.append((at, buf, n))
+        self.wake.set()
+        return self.spares.pop()
+
+    def _next(self) -> tuple[int, memoryview | None, int] | None:
+        """The next bytes to hash: a lent buffer, a range to read back, or None (wait)."""
+        t = self.transfer
+        with t.lock:
+            if self.lent:
+                return self.lent.popleft()
+            frontier = t.frontier_locked()
+            if frontier > self.tail:
+                start, self.tail = self.tail, frontier
+                return start, None, frontier - start
+            self.wake.clear()
+        return None
 
     def _run(self) -> None:
         size = self.transfer.size
         assert size is not None
-        view = memoryview(bytearray(4 * CHUNK))  # one buffer, reused: memory stays flat
+        view = memoryview(bytearray(4 * CHUNK))  # the read-back buffer, reused
         try:
             while self.pos < size and not self.cancelled.is_set():
-                limit = self.transfer.frontier()
-                if limit <= self.pos:
+                item = self._next()
+                if item is None:
                     if self.transfer.stop.is_set() and self.transfer.error is not None:
                         return
-                    time.sleep(0.02)
+                    self.wake.wait(0.05)
                     continue
-                while self.pos < limit and not self.cancelled.is_set():
-                    n = os.preadv(self.fd, [view[: min(len(view), limit - self.pos)]], self.pos)
-                    if not n:
-                        raise OSError(f"short read at {self.pos}")
-                    self.h.update(view[:n])
+                at, buf, n = item
+                assert at == self.pos, (at, self.pos)
+                if buf is not None:
+                    t0 = time.perf_counter()
+                    self.h.update(buf[:n])
+                    self.busy_s += time.perf_counter() - t0
                     self.pos += n
+                    self.from_memory += n
+                    with self.transfer.lock:
+                        self.spares.append(buf)
+                        self.transfer.lock.notify_all()
+                    continue
+                end = at + n
+                while self.pos < end and not self.cancelled.is_set():
+                    got = os.preadv(self.fd, [view[: min(len(view), end - self.pos)]], self.pos)
+                    if not got:
+                        raise OSError(f"short read at {self.pos}")
+                    t0 = time.perf_counter()
+                    self.h.update(view[:got])
+                    self.busy_s += time.perf_counter() - t0
+                    self.pos += got
+                    self.read_back += got
         except BaseException as err:
             self.failed = err
+        finally:
+            with self.transfer.lock:
+                self.closed = True  # lend nothing more; queued buffers are simply dropped
+                self.transfer.lock.notify_all()
 
     def cancel(self) -> None:
         self.cancelled.set()
+        self.wake.set()
         self.thread.join()
 
     def finish(self) -> str:
