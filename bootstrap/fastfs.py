@@ -148,25 +148,39 @@ def _compile_files(sources: Sequence[str], threads: int) -> int:
         return sum(pool.map(one, sources))
 
 
+def loaded_files() -> list[str]:
+    """Every file this interpreter has read for its imports so far: each module's source and
+    bytecode (``sys.modules``) and the shared libraries mapped (``/proc/self/maps``)."""
+    files = set()
+    for mod in list(sys.modules.values()):
+        for attr in ("__file__", "__cached__"):
+            f = getattr(mod, attr, None)
+            if isinstance(f, str):
+                files.add(f)
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                parts = line.split(None, 5)
+                if len(parts) == 6 and parts[5].startswith("/"):
+                    files.add(parts[5].strip())
+    except OSError:
+        pass
+    return sorted(files)
+
+
+# Run by the env's Python: this file is loaded by its path (argv[1]) — not put on sys.path,
+# where bootstrap's own modules would shadow the standard library's (gc, …).
 _RECORD = """
-import importlib, json, sys
-for name in sys.argv[1:]:
+import importlib, importlib.util, json, sys
+spec = importlib.util.spec_from_file_location("_fastfs", sys.argv[1])
+fastfs = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(fastfs)
+for name in sys.argv[2:]:
     try:
         importlib.import_module(name)
     except Exception:
         pass
-files = set()
-for mod in list(sys.modules.values()):
-    for attr in ("__file__", "__cached__"):
-        f = getattr(mod, attr, None)
-        if isinstance(f, str):
-            files.add(f)
-with open("/proc/self/maps") as maps:
-    for line in maps:
-        parts = line.split(None, 5)
-        if len(parts) == 6 and parts[5].startswith("/"):
-            files.add(parts[5].strip())
-print(json.dumps(sorted(files)))
+print(json.dumps(fastfs.loaded_files()))
 """
 
 
@@ -180,13 +194,15 @@ def imported_files(
     if pythonpath:
         env["PYTHONPATH"] = pythonpath
     out = subprocess.run(
-        [str(python), "-c", _RECORD, *modules], capture_output=True, text=True, check=True, env=env
+        [str(python), "-c", _RECORD, __file__, *modules], capture_output=True, text=True, check=True, env=env
     ).stdout
-    files: list[str] = json.loads(out.splitlines()[-1])
-    if under is not None:
-        prefix = str(under).rstrip("/") + "/"
-        files = [f for f in files if f.startswith(prefix)]
-    return [f for f in files if os.path.isfile(f)]
+    return existing(json.loads(out.splitlines()[-1]), under)
+
+
+def existing(files: Iterable[str], under: Path | None = None) -> list[str]:
+    """The ``files`` that are regular files (only those below ``under`` when given)."""
+    prefix = str(under).rstrip("/") + "/" if under is not None else ""
+    return [f for f in files if f.startswith(prefix) and os.path.isfile(f)]
 
 
 def _read_all(path: str) -> int:

@@ -123,6 +123,13 @@ def main(argv: list[str]) -> int:
     """Import everything, print the JSON line; exit 0 only when all imports worked."""
     parser = argparse.ArgumentParser(prog="python -m worker.smoke")
     parser.add_argument("--project", type=Path, default=None)
+    parser.add_argument(
+        "--record",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="also import MODULE (best effort) and list every file the imports read, as 'files'",
+    )
     parser.add_argument("caps", nargs="*")
     args = parser.parse_args(argv)
     base, plans = plan_imports(list(args.caps), args.project)
@@ -138,6 +145,14 @@ def main(argv: list[str]) -> int:
             imported += modules
     # what imported, for the env's prefetch list (bootstrap.env.build)
     result["modules"] = imported
+    if args.record:
+        # The files a worker start reads, from this same process: the build needs no second
+        # interpreter importing everything again just to list them.
+        for name in args.record:
+            _try([name])
+        from bootstrap.fastfs import loaded_files
+
+        result["files"] = loaded_files()
     print(json.dumps(result))
     return 0 if result["base"] is None and all(v is None for v in caps.values()) else 1
 

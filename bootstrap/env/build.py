@@ -112,6 +112,8 @@ class _Build:
     compiled_files: int | None = None
     #: what the smoke test imported (base and kept capabilities), for the prefetch list
     smoke_modules: list[str] = field(default_factory=list)
+    #: every file the smoke test's imports read (and the worker's start: `PREFETCH_MODULES`)
+    smoke_files: list[str] | None = None
     steps_ms: dict[str, float] = field(default_factory=dict)
 
     def run(self, cmd: list[str]) -> subprocess.CompletedProcess[str]:
@@ -399,14 +401,17 @@ def _write_prefetch_list(b: _Build) -> None:
     """``<env>/.prefetch``: the env's files a worker start reads (paths relative to the env), for
     the detached reader `bootstrap.run` starts at boot. Only a hint: failing to make it is a
     warning, never a failed build."""
-    modules = [*b.smoke_modules, *PREFETCH_MODULES]
-    try:
-        files = fastfs.imported_files(
-            env_python(b.tmp), modules, under=b.tmp, pythonpath=str(b.settings.app_dir)
-        )
-    except (OSError, ValueError, subprocess.SubprocessError) as err:
-        b.timeline.log(f"no prefetch list: recording the worker's imports failed ({err})", level="warn")
-        return
+    if b.smoke_files is not None:  # the smoke test recorded them (`_smoke` asks it to)
+        files = fastfs.existing(b.smoke_files, b.tmp)
+    else:
+        modules = [*b.smoke_modules, *PREFETCH_MODULES]
+        try:
+            files = fastfs.imported_files(
+                env_python(b.tmp), modules, under=b.tmp, pythonpath=str(b.settings.app_dir)
+            )
+        except (OSError, ValueError, subprocess.SubprocessError) as err:
+            b.timeline.log(f"no prefetch list: recording the worker's imports failed ({err})", level="warn")
+            return
     rel = sorted({str(Path(f).relative_to(b.tmp)) for f in files})
     # A new inode: a clone hard-linked the source env's list.
     write_atomic(b.tmp / PREFETCH, ("\n".join(rel) + "\n").encode())
@@ -425,6 +430,7 @@ def _smoke(b: _Build, kept: list[str], dropped: dict[str, str]) -> tuple[list[st
         "worker.smoke",
         "--project",
         str(b.settings.project_dir),
+        *(a for m in PREFETCH_MODULES for a in ("--record", m)),
         *kept,
     ]
     b.timeline.log("$ " + " ".join(cmd))
@@ -438,6 +444,8 @@ def _smoke(b: _Build, kept: list[str], dropped: dict[str, str]) -> tuple[list[st
         ) from None
     b.timeline.log(f"  smoke: {json.dumps({k: v for k, v in result.items() if k != 'modules'})}")
     b.smoke_modules = [str(m) for m in result.get("modules") or []]
+    files = result.get("files")
+    b.smoke_files = [str(f) for f in files] if isinstance(files, list) else None
     if result.get("base"):
         raise EnvBuildError(
             f"the worker's base does not import in the new env: {result['base']}",
