@@ -8,7 +8,8 @@ sides; PyPI is used once to fill the caches, never inside a timed step):
 1. cold build: ``bootstrap run --until env`` on an empty volume with a warm uv cache, vs
    ``python -m venv`` + ``pip install`` from a local wheelhouse of the same wheels;
 2. rebuild after a one-package lock change (one package pinned to another version), warm cache:
-   this project (clones the previous env by hard links) vs the cold build;
+   this project (clones the previous env by hard links) vs the cold build; both ``--repeat``
+   times (medians), and with ``--before REV`` the same for REV's code, interleaved;
 3. warm reuse: a boot whose env is READY, its env phase and the whole command, vs the cold build.
 """
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -47,15 +49,19 @@ def env_ms(stdout: str) -> float:
     return float("nan")
 
 
-def boot(volume: Path, project: Path, extras: str, worker: str) -> tuple[float, float, dict[str, object]]:
+def boot(
+    volume: Path, project: Path, extras: str, worker: str, code: Path = REPO
+) -> tuple[float, float, dict[str, object]]:
+    """One ``bootstrap run --until env``, by the code in ``code`` (``--before``: an export)."""
     env = base_environ(
         BOOTSTRAP_VOLUME=str(volume),
         BOOTSTRAP_PROJECT_DIR=str(project),
         BOOTSTRAP_EXTRAS=extras,
         BOOTSTRAP_MIN_FREE_GB="0",
         BOOTSTRAP_WORKER_ID=worker,
+        BOOTSTRAP_APP_DIR=str(code),
     )
-    wall, proc = timed([sys.executable, "-m", "bootstrap", "run", "--until", "env"], env=env, cwd=REPO)
+    wall, proc = timed([sys.executable, "-m", "bootstrap", "run", "--until", "env"], env=env, cwd=code)
     detail = next(
         json.loads(x)["detail"]
         for x in proc.stdout.splitlines()
@@ -143,11 +149,33 @@ def pip_baseline(work: Path, extras: tuple[str, ...]) -> float:
     return took
 
 
+def median(xs: list[float]) -> float:
+    return sorted(xs)[len(xs) // 2]
+
+
+def load() -> str:
+    return "load average " + " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def export(rev: str, work: Path) -> Path:
+    """REV's ``bootstrap`` and ``worker`` in ``work/code-REV`` (for ``--before``)."""
+    dest = work / f"code-{rev}"
+    shutil.rmtree(dest, ignore_errors=True)
+    dest.mkdir(parents=True)
+    archive = subprocess.run(
+        ["git", "-C", str(REPO), "archive", rev, "bootstrap", "worker"], check=True, capture_output=True
+    )
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive.stdout, check=True)
+    return dest
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--extras", default="faceswap")
     ap.add_argument("--work", type=Path, default=Path.home() / ".cache" / "volume-worker-bench" / "env")
     ap.add_argument("--skip-pip", action="store_true")
+    ap.add_argument("--repeat", type=int, default=5, help="cold builds and rebuilds each (medians)")
+    ap.add_argument("--before", metavar="REV", help="the same with REV's bootstrap and worker (git archive)")
     args = ap.parse_args()
     extras = tuple(e for e in args.extras.split(",") if e)
     work: Path = args.work
@@ -166,24 +194,43 @@ def main() -> int:
     vol.mkdir()
     seed_uv_cache(vol, extras)
     warm_cache(p2, extras, vol / ".bootstrap" / "uv-cache")  # the changed package too: a warm cache
+    envs = vol / ".bootstrap" / "envs"
+    codes = [("now", REPO)] + ([(args.before, export(args.before, work))] if args.before else [])
+    print(f"# median of {args.repeat}, interleaved; {load()}")
 
-    cold_wall, cold_env, d1 = boot(vol, p1, args.extras, "cold")
-    assert d1["reused"] is False
-    print(f"cold build (this project):           {cold_wall:7.2f} s  (env phase {cold_env / 1000:.2f} s)")
+    cold: dict[str, list[float]] = {name: [] for name, _ in codes}
+    rebuild: dict[str, list[float]] = {name: [] for name, _ in codes}
+    steps: dict[str, object] = {}
+    for i in range(args.repeat):
+        for name, code in codes:
+            shutil.rmtree(envs, ignore_errors=True)
+            wall, _, d1 = boot(vol, p1, args.extras, f"cold-{name}-{i}", code)
+            assert d1["reused"] is False
+            cold[name].append(wall)
+            re_wall, _, d2 = boot(vol, p2, args.extras, f"rebuild-{name}-{i}", code)
+            ready = json.loads((envs / str(d2["key"]) / "READY").read_text())
+            assert ready.get("cloned_from"), ready
+            rebuild[name].append(re_wall)
+            steps[name] = ready.get("steps_ms")
+    for name, _ in codes:
+        c, r = median(cold[name]), median(rebuild[name])
+        print(
+            f"[{name}] cold build (this project):        {c:7.2f} s  [{min(cold[name]):.2f}–{max(cold[name]):.2f}]"
+        )
+        print(
+            f"[{name}] rebuild after one-package change: {r:7.2f} s  [{min(rebuild[name]):.2f}–{max(rebuild[name]):.2f}]"
+            f"  steps of the last (ms): {steps[name]}"
+        )
+        print(f"[{name}]   -> rebuild / cold = {r / c:.2f}")
+    print(f"# {load()}")
     if not args.skip_pip:
         pip_s = pip_baseline(work, extras)
         print(f"cold build (python -m venv + pip):   {pip_s:7.2f} s")
-        print(f"  -> this project is {pip_s / cold_wall:.1f}x faster than the pip recipe")
-    re_wall, _re_env, d2 = boot(vol, p2, args.extras, "rebuild")
-    ready = json.loads((vol / ".bootstrap" / "envs" / str(d2["key"]) / "READY").read_text())
-    print(
-        f"rebuild after one-package change:    {re_wall:7.2f} s  (cloned from {str(ready.get('cloned_from'))[:12]}; steps {ready.get('steps_ms')})"
-    )
-    print(f"  -> rebuild / cold = {re_wall / cold_wall:.2f}")
+        print(f"  -> this project is {pip_s / median(cold['now']):.1f}x faster than the pip recipe")
     warm_wall, warm_env, d3 = boot(vol, p2, args.extras, "warm")
     assert d3["reused"] is True
     print(f"warm reuse:                          {warm_wall:7.2f} s  (env phase {warm_env:.1f} ms)")
-    print(f"  -> warm / cold = {warm_wall / cold_wall:.3f} (env phase {warm_env / cold_env:.4f})")
+    print(f"  -> warm / cold = {warm_wall / median(cold['now']):.3f}")
     shutil.rmtree(run, ignore_errors=True)
     return 0
 

@@ -86,6 +86,7 @@ def timing_options(args: argparse.Namespace) -> Options:
         scratch=Path(args.scratch[0]) if args.scratch else None,
         mounts=tuple(Path(m) for m in (args.scratch or [])[1:]),
         hosts=args.hosts,
+        cpus_per_boot=args.cpus_per_boot,
         job=job,
         extras=args.extras,
         manifest=args.manifest,
@@ -191,6 +192,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         metavar="N",
         help="concurrent: spread the workers round-robin over the first N --scratch mounts [1]",
+    )
+    p.add_argument(
+        "--cpus-per-boot",
+        type=int,
+        default=None,
+        metavar="K",
+        help="pin each boot to K cores of its own (worker n of concurrent gets cores n*K…, as if on its "
+        "own host; cold, warm and recover the first K; baseline is not pinned): concurrent then measures coordination, not two "
+        "workers sharing one machine's CPUs [no pinning]",
     )
     p.add_argument(
         "--job", metavar="JSON", help='the first job, or @FILE holding it [{"input": {"task": "health"}}]'

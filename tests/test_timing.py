@@ -29,6 +29,7 @@ from bootstrap.timing import (
     summarize,
     table,
 )
+from bootstrap.timing.options import cpus_for
 from bootstrap.timing.report import machine_info
 from bootstrap.timing.scenarios import host_views
 from bootstrap.volume import Volume
@@ -36,6 +37,16 @@ from tests import moosefs as mfs
 from tests.helpers import SHARED_UV_CACHE, base_environ, run_bootstrap, seed_uv_cache
 
 EVERY_PHASE = (*PHASES, "startup")
+
+
+def test_cpus_per_boot_gives_each_slot_its_own_block_of_cores() -> None:
+    assert cpus_for(0, None, [0, 1, 2, 3]) is None
+    assert cpus_for(0, 2, [0, 1, 2, 3]) == [0, 1]
+    assert cpus_for(1, 2, [0, 1, 2, 3]) == [2, 3]
+    assert cpus_for(2, 2, [0, 1, 2, 3]) == [0, 1]  # more boots than blocks: round again
+    assert cpus_for(1, 1, [4, 6]) == [6]  # the cores this process may use, not 0..n
+    with pytest.raises(ConfigError, match="this machine lets the boots use 2 core"):
+        cpus_for(0, 3, [0, 1])
 
 
 def test_scenarios_parse_with_a_worker_count() -> None:
@@ -260,6 +271,7 @@ def test_concurrent_workers_and_a_corrupted_model_are_timed_and_recovered(tmp_pa
             "timing", "concurrent", "2", "recover", "--out", str(out), "--no-chart",
             "--extras", "faceswap", "--manifest", str(manifest), "--mirror", str(mirror),
             "--seed-cache", str(seed / ".bootstrap" / "uv-cache"), "--timeout", "600",
+            "--cpus-per-boot", "1",
         ],
         base_environ(BOOTSTRAP_OPTIONAL="faceswap"),
         timeout=1800,
@@ -277,6 +289,9 @@ def test_concurrent_workers_and_a_corrupted_model_are_timed_and_recovered(tmp_pa
     assert len(concurrent["per_worker"]) == 2
     assert concurrent["per_worker"][0]["median"]["total"] <= concurrent["per_worker"][1]["median"]["total"]
     assert "#1 of 2" in proc.stdout and "#2 of 2" in proc.stdout
+    # --cpus-per-boot 1: each worker ran on one core of its own (read from its process)
+    cores = sorted(os.sched_getaffinity(0))
+    assert sorted(b["cpus"] for b in rep["boots"]) == [[cores[0]], [cores[1 % len(cores)]]]
     (rec,) = recover["repeats"]
     (boot,) = rec["boots"]
     assert boot["ok"] is True and boot["quarantined"] >= 1

@@ -54,6 +54,8 @@ class Boot:
     log: str = ""
     #: the volume directory this boot was given (with ``--hosts``, through its host's mount)
     volume: str = ""
+    #: the cores the worker's process could run on, read from it once it served (``--cpus-per-boot``)
+    cpus: list[int] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -205,6 +207,8 @@ def first_job(
                 break
         except OSError:
             time.sleep(0.02)
+    with contextlib.suppress(OSError):  # the worker is start.sh's pid (each step execs the next)
+        boot.cpus = sorted(os.sched_getaffinity(proc.pid))
     remaining = max(1.0, deadline - time.monotonic())
     try:
         status, body = post_job(f"http://127.0.0.1:{port}/runsync", job, remaining)

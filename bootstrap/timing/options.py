@@ -36,6 +36,8 @@ class Options:
     mounts: tuple[Path, ...] = ()
     #: ``concurrent`` workers spread round-robin over this many of ``scratch`` + ``mounts``
     hosts: int = 1
+    #: pin each boot to this many cores of its own (`cpus_for`); None: no pinning
+    cpus_per_boot: int | None = None
     job: dict[str, Any] = field(default_factory=lambda: dict(HEALTH_JOB))
     extras: str | None = None
     manifest: str | None = None
@@ -76,3 +78,17 @@ def parse_scenarios(tokens: Sequence[str]) -> list[Scenario]:
 
 
 # -- the environment of a boot -------------------------------------------------------------
+
+
+def cpus_for(slot: int, per_boot: int | None, available: Sequence[int]) -> list[int] | None:
+    """The cores boot ``slot`` is pinned to: ``per_boot`` of ``available``, slot n from the
+    n-th block (wrapping round when there are not enough), or None for no pinning."""
+    if per_boot is None:
+        return None
+    cores = sorted(available)
+    if per_boot < 1 or per_boot > len(cores):
+        raise ConfigError(
+            f"--cpus-per-boot {per_boot}: this machine lets the boots use {len(cores)} core(s)",
+            hint=f"give 1 to {len(cores)}",
+        )
+    return [cores[(slot * per_boot + j) % len(cores)] for j in range(per_boot)]

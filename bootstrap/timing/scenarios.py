@@ -15,7 +15,7 @@ from bootstrap.errors import ConfigError
 from bootstrap.settings import Settings
 from bootstrap.timing.baseline import run_baseline
 from bootstrap.timing.boot import Boot, boot_environ, drive, free_port, new_volume, startup_ms
-from bootstrap.timing.options import Options, Scenario
+from bootstrap.timing.options import Options, Scenario, cpus_for
 from bootstrap.timing.report import Repeat
 from bootstrap.volume import Volume
 
@@ -57,11 +57,14 @@ class Runner:
     def worker_id(self, scenario: str, rep: int, n: int = 0) -> str:
         return f"timing-{scenario}-r{rep}-w{n}-{uuid.uuid4().hex[:6]}"
 
-    def boot(self, volume: Path, worker_id: str) -> Boot:
+    def boot(self, volume: Path, worker_id: str, slot: int = 0) -> Boot:
         port = free_port()
         env = boot_environ(self.settings, self.opts, volume, worker_id, port)
+        cpus = cpus_for(slot, self.opts.cpus_per_boot, sorted(os.sched_getaffinity(0)))
+        # taskset: the whole process tree (start.sh, bootstrap, uv, the worker) inherits it
+        pin = ["taskset", "-c", ",".join(map(str, cpus))] if cpus is not None else []
         boot = drive(
-            [str(self.start_sh)],
+            [*pin, str(self.start_sh)],
             env,
             cwd=self.settings.app_dir,
             volume=volume,
@@ -115,7 +118,7 @@ class Runner:
         ids = [self.worker_id("concurrent", rep, n) for n in range(workers)]
 
         def one(n: int) -> None:
-            results[n] = self.boot(self.views[n % len(self.views)] / rel, ids[n])
+            results[n] = self.boot(self.views[n % len(self.views)] / rel, ids[n], slot=n)
 
         threads = [threading.Thread(target=one, args=(n,), name=f"timing-{n}") for n in range(workers)]
         for t in threads:
