@@ -86,3 +86,20 @@ def test_one_connection_stays_alone_while_it_outruns_the_hash(
     assert len(conns) == 1, conns
     assert t.hasher.waits > 0
     assert t.hasher.from_memory == SIZE and t.hasher.read_back == 0
+
+
+def test_a_lone_connection_asks_once_for_all_its_pieces_and_resumes_where_a_cut_body_broke(
+    tmp_path: Path,
+) -> None:
+    """One connection (here the only one allowed) takes every remaining contiguous piece with
+    one request instead of one request per piece; a body cut mid-way is asked again from the
+    byte it broke at, to the same end."""
+    root, data = serve(tmp_path)
+    with FaultServer(root) as srv:
+        srv.fault("f.bin", "cut", at=1_000_000, times=1)
+        options = FetchOptions(connections=1, piece_bytes=256 * 1024, backoff_s=0.01)
+        t, sha = transfer(tmp_path, f"{srv.url}/f.bin", options)
+        gets = srv.requests("f.bin", method="GET")
+    assert sha == hashlib.sha256(data).hexdigest()
+    assert [r.range for r in gets] == [f"bytes=0-{SIZE - 1}", f"bytes=1000000-{SIZE - 1}"], gets
+    assert t.hasher.from_memory == SIZE

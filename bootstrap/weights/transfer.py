@@ -12,8 +12,10 @@ Internal logic:
 
 1. Work = the ranges the journal does not cover, cut into pieces of ``piece_bytes``.
 2. Threads each keep one connection and take pieces from a queue; a piece's progress survives
-   a retry (the next request starts where the body broke). It starts with a few connections and
-   adds more while they raise the throughput (a CDN caps each connection), up to ``connections``.
+   a retry (the next request starts where the body broke). It starts with one connection and
+   adds more while they raise the throughput (a CDN caps each connection) and sha256 keeps up,
+   up to ``connections`` (`FetchOptions`). A connection left alone once that ramp is over asks
+   for all the remaining contiguous pieces with one request.
 3. A server that ignores Range (200 with the whole body) switches to one sequential stream.
 4. Every ``sync_every_s`` the coordinator fsyncs ``data``, then appends the newly completed
    ranges to the journal and fsyncs it — data first, so the journal never claims unsynced bytes.
@@ -31,7 +33,6 @@ import contextlib
 import hashlib
 import json
 import os
-import queue
 import threading
 import time
 from collections.abc import Callable
@@ -240,11 +241,10 @@ class Transfer:
         assert self.size is not None
         if os.fstat(fd).st_size > self.size:
             os.ftruncate(fd, self.size)
-        work: queue.Queue[_Piece] = queue.Queue()
-        for p in self.pieces:
-            work.put(p)
+        work = _Work(self.pieces)
         hasher = self.hasher = _Hasher(fd, self)
         limit = max(1, min(self.options.connections, len(self.pieces)))
+        self.sole = limit == 1
         threads: list[threading.Thread] = []
 
         def add_threads(n: int) -> None:
@@ -281,6 +281,9 @@ class Transfer:
                     waits = hasher.waits
                     if len(threads) >= limit or work.empty() or rate < ramp_rate * 1.15 or hash_bound:
                         ramping = False
+                        # Alone for good: one request for the rest, not one per piece (each
+                        # new request leaves the stream idle for a round trip).
+                        self.sole = len(threads) == 1
                     else:
                         ramp_rate = rate
                         add_threads(max(len(threads), self.options.initial_connections - len(threads)))
@@ -331,35 +334,44 @@ class Transfer:
         self.stop.set()
 
     # -- download threads -------------------------------------------------------------------
-    def _worker(self, work: queue.Queue[_Piece]) -> None:
+    def _worker(self, work: _Work) -> None:
         conn = self.source.connect()
-        buf = memoryview(bytearray(CHUNK))
+        slot = _Slot(memoryview(bytearray(CHUNK)))
         try:
             while not self.stop.is_set():
-                try:
-                    piece = work.get_nowait()
-                except queue.Empty:
+                run = work.take(contiguous=self.sole)
+                if not run:
                     return
-                buf = self._fetch_piece(conn, piece, buf)
+                self._fetch_run(conn, run, slot)
         except BaseException as err:
             self._fail(err)
         finally:
             with contextlib.suppress(Exception):
                 conn.close()
 
-    def _fetch_piece(self, conn: Connection, piece: _Piece, buf: memoryview) -> memoryview:
+    def _fetch_run(self, conn: Connection, run: list[_Piece], slot: _Slot) -> None:
+        """Fetch contiguous pieces with one request (re-asked from where it broke)."""
         failures = 0
-        while piece.done < piece.end - piece.start:
+        i = 0
+        while i < len(run):
+            piece = run[i]
+            if piece.done >= piece.end - piece.start:
+                i += 1
+                continue
             if self.stop.is_set() or self.abort.is_set():
-                return buf
+                return
             try:
                 start = piece.start + piece.done
-                body = conn.get(start, piece.end - 1)
+                body = conn.get(start, run[-1].end - 1)
                 try:
                     if body.whole:
-                        self._take_whole(body, buf)
-                        return buf
-                    buf = self._read_into(body, piece, buf)
+                        self._take_whole(body, slot.view)
+                        return
+                    while i < len(run):
+                        self._read_into(body, run[i], slot)
+                        if run[i].done < run[i].end - run[i].start:
+                            return  # stopped
+                        i += 1
                 finally:
                     body.close()
             except Transient as err:
@@ -367,7 +379,6 @@ class Transfer:
                 self.stop.wait(self._retry_delay(err, failures))
                 with contextlib.suppress(Exception):
                     conn.close()
-        return buf
 
     def _retry_delay(self, err: Transient, failures: int) -> float:
         """Record a transient failure and return `FetchOptions.retry_delay`."""
@@ -375,14 +386,16 @@ class Transfer:
             self.errors.append(str(err))
         return self.options.retry_delay(err, failures, self.source.label)
 
-    def _read_into(self, body: Any, piece: _Piece, buf: memoryview) -> memoryview:
-        """Read the rest of ``piece`` from ``body``; returns the buffer to go on with (the one
-        given, or a spare from the hasher's pool when this one was lent to the hasher)."""
+    def _read_into(self, body: Any, piece: _Piece, slot: _Slot) -> None:
+        """Read the rest of ``piece`` from ``body`` into ``slot``'s buffer; a buffer lent to the
+        hasher is replaced in the slot at once, so a retry after a broken body (an exception
+        from here) can never write into bytes the hasher has not taken yet."""
         fd = self.fd
         hasher = self.hasher
         while piece.done < piece.end - piece.start:
             if self.stop.is_set() or self.abort.is_set():
-                return buf
+                return
+            buf = slot.view
             want = min(len(buf), piece.end - piece.start - piece.done)
             n = body.readinto(buf[:want])
             if n == 0:
@@ -397,12 +410,11 @@ class Transfer:
                 # buffer instead (the hasher is the slower side) and every byte is hashed
                 # from memory; threads further ahead never wait.
                 spare = hasher.lend_locked(at, buf, n)
+                if spare is not None:
+                    slot.view = spare
                 piece.done += n
                 self.received += n
-            if spare is not None:
-                buf = spare
             self.on_bytes(n)
-        return buf
 
     def _take_whole(self, body: Any, buf: memoryview) -> None:
         """The server ignored Range: take the whole body from byte 0, marking pieces as it goes."""
@@ -488,6 +500,35 @@ class Transfer:
             body.close()
             conn.close()
         return h.hexdigest()
+
+
+@dataclass
+class _Slot:
+    """A download thread's buffer; replaced when the one it held is lent to the hasher."""
+
+    view: memoryview
+
+
+class _Work:
+    """The pieces not yet taken, in file order."""
+
+    def __init__(self, pieces: list[_Piece]) -> None:
+        self.pieces = collections.deque(pieces)
+        self.lock = threading.Lock()
+
+    def empty(self) -> bool:
+        return not self.pieces
+
+    def take(self, *, contiguous: bool) -> list[_Piece]:
+        """The next piece (none: all taken); with ``contiguous``, every following piece that
+        continues it too (one request for them all)."""
+        with self.lock:
+            if not self.pieces:
+                return []
+            run = [self.pieces.popleft()]
+            while contiguous and self.pieces and self.pieces[0].start == run[-1].end:
+                run.append(self.pieces.popleft())
+            return run
 
 
 class _Empty:
