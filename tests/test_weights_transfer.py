@@ -74,9 +74,9 @@ def test_one_connection_stays_alone_while_it_outruns_the_hash(
     """One stream already brings bytes faster than sha256 takes them (here 20 MB/s against a
     hash slowed to 4 MB/s), so no second connection is opened, the stream waits for the hasher
     instead of running ahead, and every byte is hashed from the buffer it arrived in."""
-    import bootstrap.weights.transfer as transfer_mod
+    import bootstrap.weights.hasher as hasher_mod
 
-    monkeypatch.setattr(transfer_mod, "hashlib", types.SimpleNamespace(sha256=SlowSha256))
+    monkeypatch.setattr(hasher_mod, "hashlib", types.SimpleNamespace(sha256=SlowSha256))
     root, data = serve(tmp_path)
     with FaultServer(root, rate_bps=20_000_000) as srv:
         options = FetchOptions(connections=4, piece_bytes=256 * 1024, probe_s=0.1, ramp_every_s=0.2)
