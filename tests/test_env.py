@@ -124,6 +124,7 @@ def test_build_publishes_a_working_env_then_reuses_it(project: Path, volume: Pat
     assert any(p.startswith("lib/") and "/beta/" in p for p in listed), listed  # the smoke's imports
     # ... recorded by the smoke test's own process (one import of everything per build, not two)
     assert "--record worker.main --record runpod" in log
+    assert '"files"' not in log  # the list goes into .prefetch, not into the boot log
 
     again = _boot(volume, project, BOOTSTRAP_WORKER_ID="w2")
     assert again.returncode == 0, again.stderr[-3000:]

@@ -110,9 +110,8 @@ class _Build:
     source: Path | None = None
     #: .py files compiled after a clone (None: whole site-packages)
     compiled_files: int | None = None
-    #: what the smoke test imported (base and kept capabilities), for the prefetch list
-    smoke_modules: list[str] = field(default_factory=list)
-    #: every file the smoke test's imports read (and the worker's start: `PREFETCH_MODULES`)
+    #: every file the smoke test's imports read (and the worker's start: `PREFETCH_MODULES`),
+    #: for the prefetch list
     smoke_files: list[str] | None = None
     steps_ms: dict[str, float] = field(default_factory=dict)
 
@@ -393,7 +392,7 @@ def _run_logged(cmd: list[str], b: _Build, stdin: str | None = None) -> subproce
     return proc
 
 
-#: modules the worker imports at start beside the smoke test's (`_write_prefetch_list`)
+#: modules the worker imports at start beside the smoke test's (recorded by the smoke test)
 PREFETCH_MODULES = ("worker.main", "runpod")
 
 
@@ -401,17 +400,10 @@ def _write_prefetch_list(b: _Build) -> None:
     """``<env>/.prefetch``: the env's files a worker start reads (paths relative to the env), for
     the detached reader `bootstrap.run` starts at boot. Only a hint: failing to make it is a
     warning, never a failed build."""
-    if b.smoke_files is not None:  # the smoke test recorded them (`_smoke` asks it to)
-        files = fastfs.existing(b.smoke_files, b.tmp)
-    else:
-        modules = [*b.smoke_modules, *PREFETCH_MODULES]
-        try:
-            files = fastfs.imported_files(
-                env_python(b.tmp), modules, under=b.tmp, pythonpath=str(b.settings.app_dir)
-            )
-        except (OSError, ValueError, subprocess.SubprocessError) as err:
-            b.timeline.log(f"no prefetch list: recording the worker's imports failed ({err})", level="warn")
-            return
+    if b.smoke_files is None:
+        b.timeline.log("no prefetch list: the smoke test recorded no files", level="warn")
+        return
+    files = fastfs.existing(b.smoke_files, b.tmp)
     rel = sorted({str(Path(f).relative_to(b.tmp)) for f in files})
     # A new inode: a clone hard-linked the source env's list.
     write_atomic(b.tmp / PREFETCH, ("\n".join(rel) + "\n").encode())
@@ -442,8 +434,9 @@ def _smoke(b: _Build, kept: list[str], dropped: dict[str, str]) -> tuple[list[st
             f"the import smoke test did not run: {proc.stderr.strip()[-ERROR_TAIL:]}",
             hint="the new env's Python cannot run the worker's smoke test: see boot.log",
         ) from None
-    b.timeline.log(f"  smoke: {json.dumps({k: v for k, v in result.items() if k != 'modules'})}")
-    b.smoke_modules = [str(m) for m in result.get("modules") or []]
+    b.timeline.log(
+        f"  smoke: {json.dumps({k: v for k, v in result.items() if k not in ('modules', 'files')})}"
+    )
     files = result.get("files")
     b.smoke_files = [str(f) for f in files] if isinstance(files, list) else None
     if result.get("base"):

@@ -77,9 +77,6 @@ def parse_scenarios(tokens: Sequence[str]) -> list[Scenario]:
     return out
 
 
-# -- the environment of a boot -------------------------------------------------------------
-
-
 def cpus_for(slot: int, per_boot: int | None, available: Sequence[int]) -> list[int] | None:
     """The cores boot ``slot`` is pinned to: ``per_boot`` of ``available``, slot n from the
     n-th block (wrapping round when there are not enough), or None for no pinning."""
@@ -92,3 +89,6 @@ def cpus_for(slot: int, per_boot: int | None, available: Sequence[int]) -> list[
             hint=f"give 1 to {len(cores)}",
         )
     return [cores[(slot * per_boot + j) % len(cores)] for j in range(per_boot)]
+
+
+# -- the environment of a boot -------------------------------------------------------------

@@ -19,11 +19,9 @@ Internal logic:
 3. A server that ignores Range (200 with the whole body) switches to one sequential stream.
 4. Every ``sync_every_s`` the coordinator fsyncs ``data``, then appends the newly completed
    ranges to the journal and fsyncs it — data first, so the journal never claims unsynced bytes.
-5. A hasher thread feeds sha256 with the contiguous written prefix as it grows, so the hash is
-   ready when the last byte lands. The thread whose bytes extend that prefix lends the hasher
-   its buffer right after writing it (and takes a spare one from a small shared pool), so in
-   the common case each byte is hashed straight from the buffer it arrived in, on another core;
-   bytes that landed out of order are read back from the page cache when the prefix reaches them.
+5. A hasher thread (`bootstrap.weights.hasher`) feeds sha256 with the contiguous written
+   prefix as it grows, mostly straight from the buffers the bytes arrived in, so the hash is
+   ready when the last byte lands.
 """
 
 from __future__ import annotations
@@ -204,6 +202,8 @@ class Transfer:
         self.errors: list[str] = []
         self.received = 0
         self.ranges_ignored = False
+        #: one connection left for good: it asks for all its contiguous pieces at once
+        self.sole = False
         self.done_ranges = merge(done_ranges) if size is not None else []
         self.pieces: list[_Piece] = []
         if size is not None:
@@ -331,7 +331,8 @@ class Transfer:
         with self.lock:
             if self.error is None:
                 self.error = err
-        self.stop.set()
+            self.stop.set()
+            self.lock.notify_all()  # a thread waiting for the hasher's spare buffer stops now
 
     # -- download threads -------------------------------------------------------------------
     def _worker(self, work: _Work) -> None:
